@@ -1,0 +1,1 @@
+"""Teacher / student construction, layer specs, attention masks, vocabulary handling."""

@@ -1,0 +1,160 @@
+"""Build the frozen AR teacher and the block-diffusion student from one config.
+
+Both are Megatron-Core GPTModels with the same architecture and padded vocabulary. The teacher is
+causal, in eval mode, without gradients. The student has block-causal attention (mask type
+`arbitrary`, fed the masks of `models.masks`), an optional mask-token row initialised to the mean
+embedding, and is trained. With pipeline parallelism each rank builds its stage (and its virtual
+stages for interleaved schedules): the result is always a list of model chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_opdlm.config import JobConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_opdlm.models.specs import layer_spec, resolve_transformer_impl
+from megatron_opdlm.models.vocab import init_mask_token_row
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+) -> TransformerConfig:
+    """Megatron TransformerConfig for the architecture, layout and numerics."""
+    impl = resolve_transformer_impl(precision)
+    on_gpu = torch.cuda.is_available()
+    fp8 = {}
+    if precision.fp8 != "none":
+        fp8 = dict(
+            fp8=precision.fp8,
+            fp8_recipe=precision.fp8_recipe,
+            fp8_margin=precision.fp8_margin,
+            fp8_amax_history_len=precision.fp8_amax_history_len,
+            fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
+        )
+    recompute = {}
+    if precision.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=_DTYPES[precision.dtype],
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        pipeline_dtype=_DTYPES[precision.dtype],
+        use_cpu_initialization=not on_gpu,
+        # Fusions need CUDA kernels (Apex / TE); the local spec on a CPU runs unfused.
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=on_gpu and impl == "transformer_engine",
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=on_gpu and impl == "transformer_engine",
+        persist_layer_norm=on_gpu,
+        deallocate_pipeline_outputs=False,
+        **fp8,
+        **recompute,
+    )
+
+
+def _llama3_inv_freq(model: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama-3 scaling, all four parameters honoured (GPTModel
+    fixes low/high factors and the original length to Llama-3.1's values)."""
+    dim = model.kv_channels
+    inv_freq = 1.0 / (model.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if model.rope_scaling != "llama3":
+        return inv_freq
+    factor, low, high = model.rope_scaling_factor, model.rope_low_freq_factor, model.rope_high_freq_factor
+    old_len = model.rope_original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _build_chunk(config: JobConfig, tconfig: TransformerConfig, role: str, vp_stage: int | None) -> GPTModel:
+    impl = resolve_transformer_impl(config.precision)
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(config.model, impl, role),
+        vocab_size=config.model.padded_vocab_size,
+        max_sequence_length=config.model.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        share_embeddings_and_output_weights=config.model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(config.model.rope_theta),
+        vp_stage=vp_stage,
+    )
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is not None:
+        rotary.inv_freq = _llama3_inv_freq(config.model).to(rotary.inv_freq.device)
+    return model
+
+
+def build_model_chunks(config: JobConfig, role: str) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage) for `role`."""
+    tconfig = transformer_config(config.model, config.parallel, config.precision)
+    vpp = config.parallel.vpp
+    stages = range(vpp) if vpp else [None]
+    chunks: list[torch.nn.Module] = []
+    for vp_stage in stages:
+        chunk = _build_chunk(config, tconfig, role, vp_stage)
+        if tconfig.bf16 or tconfig.fp16:
+            chunk = Float16Module(tconfig, chunk)
+        if torch.cuda.is_available():
+            chunk = chunk.cuda()
+        chunks.append(chunk)
+    return chunks
+
+
+def build_teacher(config: JobConfig) -> list[torch.nn.Module]:
+    """Frozen causal AR model: eval mode, no gradients (and so no optimizer state)."""
+    chunks = build_model_chunks(config, "teacher")
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
+
+
+def build_student(config: JobConfig) -> list[torch.nn.Module]:
+    """Block-diffusion student, same architecture; its mask-token row starts at the mean embedding."""
+    chunks = build_model_chunks(config, "student")
+    init_mask_token_row(chunks, config.model)
+    return chunks
+
+
+def copy_weights(source: list[torch.nn.Module], target: list[torch.nn.Module]) -> None:
+    """Copy parameters chunk by chunk (same layout), e.g. teacher -> student initialisation."""
+    with torch.no_grad():
+        for src, dst in zip(source, target, strict=True):
+            dst.load_state_dict(src.state_dict(), strict=True)

@@ -1,0 +1,58 @@
+"""Layer specs: Transformer Engine on GPUs (bf16/FP8), Megatron's local modules elsewhere.
+
+The student differs from the teacher only in its attention mask type: we change attention through
+the spec and the mask we pass, never by forking GPTModel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_opdlm.config import ModelConfig, PrecisionConfig
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(precision: PrecisionConfig) -> str:
+    """'transformer_engine' or 'local'; a clear error when TE is asked for but missing."""
+    impl = precision.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise ValueError(
+            "precision.transformer_impl=transformer_engine (or precision.fp8) needs CUDA and the "
+            "transformer-engine package (pip install .[gpu] on a GPU image); "
+            "use precision.transformer_impl=local on this machine"
+        )
+    if precision.fp8 != "none" and impl != "transformer_engine":
+        raise ValueError(
+            f"precision.fp8={precision.fp8} needs Transformer Engine, which is not available here"
+        )
+    return impl
+
+
+def layer_spec(model: ModelConfig, impl: str, role: str) -> ModuleSpec:
+    """Spec for one transformer layer of `role` 'teacher' (causal) or 'student' (block mask)."""
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role {role!r} must be 'teacher' or 'student'")
+    if impl == "transformer_engine":
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    # The student's block-diffusion mask is arbitrary: TE must honour the explicit mask.
+    mask_type = AttnMaskType.causal if role == "teacher" else AttnMaskType.arbitrary
+    spec.submodules.self_attention.params = {
+        **spec.submodules.self_attention.params,
+        "attn_mask_type": mask_type,
+    }
+    return spec

@@ -1,0 +1,1 @@
+"""Process start-up: distributed init, parallel state, seeding, logging, CPU compatibility."""

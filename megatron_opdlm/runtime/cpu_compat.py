@@ -1,0 +1,275 @@
+"""The one place that lets megatron-core 0.19.x run without CUDA (CPU torch or a CUDA build on a
+machine with no GPU), with gloo.
+
+Nothing else in the project knows these patches exist: `apply()` is called by
+`runtime.distributed.initialize()` before any model is built, and does nothing when CUDA is
+available. Each patch is listed with the failure it fixes (measured in shared/notes/
+megatron-core-on-cpu.md; `tests/unit/test_cpu_compat.py` turns each one off and checks that the
+failure comes back).
+
+Patches (names usable in `apply(skip=...)` / env OPDLM_CPU_COMPAT_SKIP="current_device,rng"):
+  triton_stub     `import megatron.core` imports triton (MoE paged stash) -> ModuleNotFoundError on
+                  a CPU torch wheel without triton. Registers a stub for that one module.
+  current_device  buffers allocated on `torch.cuda.current_device()` (GlobalMemoryBuffer, RoPE,
+                  KV cache, DDP buffers) -> "Torch not compiled with CUDA enabled".
+  cuda_literals   literal device="cuda" / `.cuda()` (default causal mask, schedules' token counts,
+                  embedding sync with PP>1). A TorchFunctionMode is not enough: it is disabled
+                  inside Tensor.backward, where activation recompute re-runs the forward.
+  rng             CudaRNGStatesTracker and recompute save/restore the CUDA RNG state; on CPU the
+                  dropout draws from the CPU generator, so track that one.
+  streams         DDP grad sync uses torch.cuda streams and events; CPU ops are synchronous, so
+                  no-op streams are exact.
+  type_names      optimizers and grad clipping compare `param.type()` to 'torch.cuda.FloatTensor';
+                  report CUDA names for CPU tensors inside those functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import types
+
+ALL_PATCHES = ("triton_stub", "current_device", "cuda_literals", "rng", "streams", "type_names")
+_applied: set[str] = set()
+
+_TENSOR_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn", "randint",
+    "randperm", "empty_strided", "zeros_like", "ones_like", "empty_like", "full_like", "eye",
+    "linspace",
+)  # fmt: skip
+
+
+def needed() -> bool:
+    """True when megatron-core must be patched: no usable CUDA device."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def applied() -> frozenset[str]:
+    return frozenset(_applied)
+
+
+def _install_triton_stub() -> None:
+    try:
+        import triton  # noqa: F401  (a real triton: nothing to do)
+
+        return
+    except ImportError:
+        pass
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    stub = types.ModuleType(name)
+    stub.GLOBAL_BLOCK_SIZE = 1024
+
+    def _unavailable(*args, **kwargs):
+        raise RuntimeError("MoE paged-stash kernels need triton, which is not installed")
+
+    class _Kernel:
+        def __getitem__(self, grid):
+            return _unavailable
+
+    stub.paged_stash_copy_kernel = _Kernel()
+    stub.paged_stash_pop_kernel = _Kernel()
+    sys.modules[name] = stub
+
+
+def _is_cuda_device(device) -> bool:
+    import torch
+
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+def _patch_current_device() -> None:
+    import torch
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+def _patch_cuda_literals() -> None:
+    import torch
+
+    def to_cpu(factory):
+        @functools.wraps(factory)
+        def wrapper(*args, **kwargs):
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+
+        return wrapper
+
+    for name in _TENSOR_FACTORIES:
+        setattr(torch, name, to_cpu(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+class _NoOpEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _NoOpStream(_NoOpEvent):
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NoOpEvent()
+
+    @staticmethod
+    def priority_range():
+        return (0, 0)
+
+
+def _patch_streams() -> None:
+    import torch
+
+    stream = _NoOpStream()
+    torch.cuda.Stream = _NoOpStream
+    torch.cuda.Event = _NoOpEvent
+    torch.cuda.current_stream = lambda *args, **kwargs: stream
+    torch.cuda.default_stream = lambda *args, **kwargs: stream
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+def _patch_rng() -> None:
+    import torch
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Same contract as the CUDA tracker, on the CPU default generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            outer = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    def initialize_rng_tracker(*args, force_reset=False, **kwargs):
+        if force_reset or not mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+            mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+            mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    original_seed = mrandom.model_parallel_cuda_manual_seed
+
+    def model_parallel_cuda_manual_seed(seed, *args, **kwargs):
+        torch.manual_seed(seed)
+        return original_seed(seed, *args, **kwargs)
+
+    mrandom.CpuRNGStatesTracker = CpuRNGStatesTracker
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
+    mrandom.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
+    tensor_parallel.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    import torch
+
+    original = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(owner, name: str) -> None:
+    function = getattr(owner, name)
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return function(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def _patch_type_names() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    _with_cuda_type_names(distrib_optimizer.DistributedOptimizer, "__init__")
+    _with_cuda_type_names(optimizer.Float16OptimizerWithFloat16Params, "__init__")
+    _with_cuda_type_names(clip_grads, "clip_grad_by_total_norm_fp32")
+    for module in (optimizer, distrib_optimizer):
+        if hasattr(module, "clip_grad_by_total_norm_fp32"):
+            module.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+
+
+_PATCHES = {
+    "current_device": _patch_current_device,
+    "cuda_literals": _patch_cuda_literals,
+    "rng": _patch_rng,
+    "streams": _patch_streams,
+    "type_names": _patch_type_names,
+}
+
+
+def apply(skip: tuple[str, ...] | None = None) -> frozenset[str]:
+    """Apply every patch not in `skip` (idempotent). Returns the set applied so far."""
+    if skip is None:
+        skip = tuple(p for p in os.environ.get("OPDLM_CPU_COMPAT_SKIP", "").split(",") if p)
+    unknown = set(skip) - set(ALL_PATCHES)
+    if unknown:
+        raise ValueError(f"unknown CPU patch names {sorted(unknown)}; known: {ALL_PATCHES}")
+    if "triton_stub" not in skip and "triton_stub" not in _applied:
+        _install_triton_stub()
+        _applied.add("triton_stub")
+    if not needed():
+        return applied()
+    for name, patch in _PATCHES.items():
+        if name not in skip and name not in _applied:
+            patch()
+            _applied.add(name)
+    return applied()
