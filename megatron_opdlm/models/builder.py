@@ -18,6 +18,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_opdlm.config import JobConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_opdlm.models.rope import install_positioned_rope
 from megatron_opdlm.models.specs import layer_spec, resolve_transformer_impl
 from megatron_opdlm.models.vocab import init_mask_token_row
 
@@ -115,9 +116,8 @@ def _build_chunk(config: JobConfig, tconfig: TransformerConfig, role: str, vp_st
         rotary_base=int(config.model.rope_theta),
         vp_stage=vp_stage,
     )
-    rotary = getattr(model, "rotary_pos_emb", None)
-    if rotary is not None:
-        rotary.inv_freq = _llama3_inv_freq(config.model).to(rotary.inv_freq.device)
+    if getattr(model, "rotary_pos_emb", None) is not None:
+        install_positioned_rope(model, _llama3_inv_freq(config.model))
     return model
 
 

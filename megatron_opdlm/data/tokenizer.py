@@ -1,0 +1,142 @@
+"""Tokenizers without transformers: HF `tokenizers` (tokenizer.json) or SentencePiece (*.model).
+
+Chat templates are the Jinja templates of `tokenizer_config.json`, rendered with jinja2 in a
+sandbox the way transformers does (trim_blocks, lstrip_blocks), so a training run and inference
+see byte-identical prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """encode / decode / apply_chat_template over a tokenizer directory."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        config_path = self.directory / "tokenizer_config.json"
+        self.config: dict[str, Any] = (
+            json.loads(config_path.read_text()) if config_path.is_file() else {}
+        )
+        tokenizer_json = self.directory / "tokenizer.json"
+        sp_models = sorted(self.directory.glob("*.model"))
+        if tokenizer_json.is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._hf = HFTokenizer.from_file(str(tokenizer_json))
+            self._sp = None
+        elif sp_models:
+            import sentencepiece
+
+            self._hf = None
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_models[0]))
+        else:
+            raise ValueError(
+                f"{self.directory} has neither tokenizer.json nor a SentencePiece *.model file; "
+                "point data.tokenizer at a Hugging Face tokenizer directory"
+            )
+        # transformers >= 4.43 may save the template beside the config as chat_template.jinja
+        template_file = self.directory / "chat_template.jinja"
+        self.chat_template: str | None = (
+            template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
+        )
+        self.eos_token = _token_content(self.config.get("eos_token"))
+        self.bos_token = _token_content(self.config.get("bos_token"))
+        self.pad_token = _token_content(self.config.get("pad_token"))
+
+    # ---- vocabulary ----
+    @property
+    def vocab_size(self) -> int:
+        if self._hf is not None:
+            return self._hf.get_vocab_size(with_added_tokens=True)
+        return self._sp.get_piece_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        if self._hf is not None:
+            return self._hf.token_to_id(token)
+        token_id = self._sp.piece_to_id(token)
+        return None if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id) else token_id
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = []
+        for token in (self.eos_token,):
+            if token is not None and self.token_to_id(token) is not None:
+                ids.append(self.token_to_id(token))
+        if not ids and self._sp is not None and self._sp.eos_id() >= 0:
+            ids.append(self._sp.eos_id())
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        for token in (self.pad_token, self.eos_token):
+            if token is not None and self.token_to_id(token) is not None:
+                return self.token_to_id(token)
+        return 0
+
+    # ---- text ----
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._sp.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._sp.decode(ids)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        if not self.chat_template:
+            raise ValueError(
+                f"{self.directory / 'tokenizer_config.json'} has no chat_template; "
+                "set data.chat_template=false to feed prompts as plain text"
+            )
+        return _render_chat_template(
+            self.chat_template,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """A prompt (text or chat messages) as token ids, with the chat template if asked."""
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = prompt
+        if chat:
+            return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        text = "\n".join(m["content"] for m in messages)
+        return self.encode(text, add_special_tokens=True)
+
+
+def _render_chat_template(template: str, **variables: Any) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(**variables)
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"tokenizer directory {str(directory)!r} does not exist")
+    return Tokenizer(directory)

@@ -1,0 +1,1 @@
+"""Block diffusion: the sampler (rollout and inference), state selection, training-row packing."""

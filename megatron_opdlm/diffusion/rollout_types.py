@@ -1,0 +1,41 @@
+"""The data a rollout hands to training (and inference hands to evaluation).
+
+Layout: prompts are left-padded to one width P so that every row's response starts at column P
+(one block boundary for the whole batch); responses are R = n_blocks * B columns, right-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    prompt_tokens: torch.Tensor  # [b, P] long, left-padded with pad_token_id
+    prompt_valid: torch.Tensor  # [b, P] bool, False on left padding
+    response_tokens: torch.Tensor  # [b, R] long, x0; pad_token_id where nothing was generated
+    response_valid: torch.Tensor  # [b, R] bool, generated positions (up to and including EOS)
+    step_map: torch.Tensor  # [b, R] long, round (0-based, within its block) that unmasked the
+    #                         token; -1 where response_valid is False
+    num_forwards: torch.Tensor  # [b] long, model forwards spent on each sequence
+    confidences: torch.Tensor | None = None  # [b, R] float, probability of the sampled token
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_tokens.shape[1]
+
+    @property
+    def response_length(self) -> int:
+        return self.response_tokens.shape[1]
+
+    def response_lengths(self) -> torch.Tensor:  # [b]
+        return self.response_valid.sum(dim=1)
+
+    def to(self, device) -> RolloutBatch:
+        moved = {
+            name: (value.to(device) if isinstance(value, torch.Tensor) else value)
+            for name, value in self.__dict__.items()
+        }
+        return RolloutBatch(**moved)
