@@ -29,7 +29,9 @@ class ModelConfig:
     ffn_hidden_size: int = doc(128, "MLP inner width (per gate/up projection)")
     num_attention_heads: int = doc(4, "query heads")
     num_query_groups: int = doc(2, "key/value heads (GQA groups); equal to heads for MHA")
-    head_dim: int | None = doc(None, "per-head width; None means hidden_size / heads (Qwen3 differs)")
+    head_dim: int | None = doc(
+        None, "per-head width; None means hidden_size / heads (Qwen3 differs)"
+    )
     vocab_size: int = doc(128, "tokenizer vocabulary size (rows that are real tokens)")
     vocab_pad_multiple: int = doc(
         128, "embedding rows are padded to a multiple of this; must be divisible by parallel.tp"
@@ -58,7 +60,11 @@ class ModelConfig:
 
     @property
     def kv_channels(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+        return (
+            self.head_dim
+            if self.head_dim is not None
+            else self.hidden_size // self.num_attention_heads
+        )
 
     @property
     def adds_mask_row(self) -> bool:
@@ -128,7 +134,9 @@ class ParallelConfig:
     sequence_parallel: bool = doc(False, "shard activations along the sequence in TP regions")
     use_distributed_optimizer: bool = doc(False, "shard optimizer state over data-parallel ranks")
     overlap_grad_reduce: bool = doc(False, "overlap DP gradient reduce with the backward pass")
-    backend: Literal["auto", "nccl", "gloo"] = doc("auto", "process-group backend; auto: nccl on GPU")
+    backend: Literal["auto", "nccl", "gloo"] = doc(
+        "auto", "process-group backend; auto: nccl on GPU"
+    )
 
     def validate(self) -> None:
         for name in ("tp", "pp"):
@@ -242,7 +250,9 @@ class OptimConfig:
 
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min <= lr")
+            raise ValueError(
+                f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min <= lr"
+            )
 
 
 @dataclass
@@ -294,7 +304,12 @@ class TrainConfig:
     deadline_minutes: float = doc(0.0, "save and exit after this wall time; 0 = no deadline")
 
     def validate(self) -> None:
-        for name in ("rollout_steps", "prompts_per_rollout", "global_batch_size", "micro_batch_size"):
+        for name in (
+            "rollout_steps",
+            "prompts_per_rollout",
+            "global_batch_size",
+            "micro_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), ".pytest_cache", "inductor"))
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), ".pytest_cache", "inductor")
+)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -47,7 +47,9 @@ class Tokenizer:
         # transformers >= 4.43 may save the template beside the config as chat_template.jinja
         template_file = self.directory / "chat_template.jinja"
         self.chat_template: str | None = (
-            template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
+            template_file.read_text()
+            if template_file.is_file()
+            else self.config.get("chat_template")
         )
         self.eos_token = _token_content(self.config.get("eos_token"))
         self.bos_token = _token_content(self.config.get("bos_token"))
@@ -64,7 +66,11 @@ class Tokenizer:
         if self._hf is not None:
             return self._hf.token_to_id(token)
         token_id = self._sp.piece_to_id(token)
-        return None if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id) else token_id
+        return (
+            None
+            if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id)
+            else token_id
+        )
 
     @property
     def eos_token_ids(self) -> list[int]:

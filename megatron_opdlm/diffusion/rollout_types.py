@@ -21,6 +21,9 @@ class RolloutBatch:
     #                         token; -1 where response_valid is False
     num_forwards: torch.Tensor  # [b] long, model forwards spent on each sequence
     confidences: torch.Tensor | None = None  # [b, R] float, probability of the sampled token
+    decoded_step_map: torch.Tensor | None = None  # [b, R] long, like step_map but also for the
+    #                         tokens after EOS in a sequence's last block (the sampler decoded and
+    #                         attended to them); -1 only in blocks that were never decoded
 
     @property
     def prompt_length(self) -> int:

@@ -21,6 +21,7 @@ from megatron_opdlm.config import JobConfig, ModelConfig, ParallelConfig, Precis
 from megatron_opdlm.models.rope import install_positioned_rope
 from megatron_opdlm.models.specs import layer_spec, resolve_transformer_impl
 from megatron_opdlm.models.vocab import init_mask_token_row
+from megatron_opdlm.runtime import cpu_compat
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,7 +43,9 @@ def transformer_config(
         )
     recompute = {}
     if precision.recompute == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        recompute = dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -79,6 +82,7 @@ def transformer_config(
         deallocate_pipeline_outputs=False,
         **fp8,
         **recompute,
+        **cpu_compat.transformer_config_overrides(),
     )
 
 
@@ -89,7 +93,11 @@ def _llama3_inv_freq(model: ModelConfig) -> torch.Tensor:
     inv_freq = 1.0 / (model.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if model.rope_scaling != "llama3":
         return inv_freq
-    factor, low, high = model.rope_scaling_factor, model.rope_low_freq_factor, model.rope_high_freq_factor
+    factor, low, high = (
+        model.rope_scaling_factor,
+        model.rope_low_freq_factor,
+        model.rope_high_freq_factor,
+    )
     old_len = model.rope_original_max_position_embeddings
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -99,7 +107,9 @@ def _llama3_inv_freq(model: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _build_chunk(config: JobConfig, tconfig: TransformerConfig, role: str, vp_stage: int | None) -> GPTModel:
+def _build_chunk(
+    config: JobConfig, tconfig: TransformerConfig, role: str, vp_stage: int | None
+) -> GPTModel:
     impl = resolve_transformer_impl(config.precision)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 
 
-def aligned_block_ids(positions: torch.Tensor, response_start: int, block_size: int) -> torch.Tensor:
+def aligned_block_ids(
+    positions: torch.Tensor, response_start: int, block_size: int
+) -> torch.Tensor:
     """Block id of each absolute column, blocks aligned so that one starts at `response_start`."""
     return torch.div(positions - response_start, block_size, rounding_mode="floor")
 
@@ -96,8 +98,10 @@ def packed_row_layout(
     position_ids = torch.cat([clean_positions, noisy_positions])  # [P + 2R]
     block_ids = aligned_block_ids(position_ids, p, block_size)
     noisy = torch.cat(
-        [torch.zeros(p + r, dtype=torch.bool, device=device),
-         torch.ones(r, dtype=torch.bool, device=device)]  # fmt: skip
+        [
+            torch.zeros(p + r, dtype=torch.bool, device=device),
+            torch.ones(r, dtype=torch.bool, device=device),
+        ]  # fmt: skip
     )
     return block_ids, noisy, position_ids
 

@@ -12,13 +12,17 @@ import torch
 from megatron_opdlm.config import ModelConfig
 
 
-def invalid_vocab_mask(model: ModelConfig, vocab_start: int, vocab_end: int, device=None) -> torch.Tensor:
+def invalid_vocab_mask(
+    model: ModelConfig, vocab_start: int, vocab_end: int, device=None
+) -> torch.Tensor:
     """[vocab_end - vocab_start] bool, True for ids that must never be predicted."""
     ids = torch.arange(vocab_start, vocab_end, device=device)
     return (ids >= model.vocab_size) | (ids == model.student_mask_token_id)
 
 
-def mask_invalid_logits(logits: torch.Tensor, model: ModelConfig, vocab_start: int = 0) -> torch.Tensor:
+def mask_invalid_logits(
+    logits: torch.Tensor, model: ModelConfig, vocab_start: int = 0
+) -> torch.Tensor:
     """logits [..., v_local] -> same with -inf at ids that are not predictable tokens."""
     invalid = invalid_vocab_mask(model, vocab_start, vocab_start + logits.shape[-1], logits.device)
     return logits.masked_fill(invalid, float("-inf"))
@@ -55,7 +59,9 @@ def init_mask_token_row(model_chunks, model: ModelConfig) -> None:
         real_rows = max(0, min(end, model.vocab_size) - start)
         row_sum = weight[:real_rows].double().sum(0)  # [h]
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(row_sum, group=parallel_state.get_tensor_model_parallel_group())
+            torch.distributed.all_reduce(
+                row_sum, group=parallel_state.get_tensor_model_parallel_group()
+            )
         if start <= mask_id < end:
             weight[mask_id - start] = (row_sum / model.vocab_size).to(weight.dtype)
 

@@ -21,6 +21,12 @@ Patches (names usable in `apply(skip=...)` / env OPDLM_CPU_COMPAT_SKIP="current_
                   no-op streams are exact.
   type_names      optimizers and grad clipping compare `param.type()` to 'torch.cuda.FloatTensor';
                   report CUDA names for CPU tensors inside those functions only.
+
+Config values (not patches; `transformer_config_overrides()`, used by models.builder):
+  batch_p2p_comm=False  batched isend/irecv on gloo hands later micro-batches of the interleaved
+                  (virtual pipeline) schedule the wrong activations (logits off by ~0.2 from the
+                  third micro-batch on; tests/distributed/test_model_parallel.py); unbatched p2p
+                  is exact.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ def needed() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def transformer_config_overrides() -> dict:
+    """TransformerConfig values that megatron-core needs on gloo (see the module docstring)."""
+    return {"batch_p2p_comm": False} if needed() else {}
 
 
 def applied() -> frozenset[str]:

@@ -27,4 +27,6 @@ def get_logger(name: str) -> logging.Logger:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
-    return logging.getLogger(name if name.startswith("megatron_opdlm") else f"megatron_opdlm.{name}")
+    return logging.getLogger(
+        name if name.startswith("megatron_opdlm") else f"megatron_opdlm.{name}"
+    )

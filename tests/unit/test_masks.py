@@ -21,7 +21,9 @@ def test_packed_row_mask_matches_rules():
     s = p + 2 * r
     for q in range(s):
         for k in range(s):
-            allowed = _reference_allowed(int(blocks[q]), bool(noisy[q]), int(blocks[k]), bool(noisy[k]))
+            allowed = _reference_allowed(
+                int(blocks[q]), bool(noisy[q]), int(blocks[k]), bool(noisy[k])
+            )
             assert bool(mask[0, 0, q, k]) == (not allowed), (q, k)
     # x_t block b copies the positions of x0 block b
     assert torch.equal(positions[0, p + r :], positions[0, p : p + r])
