@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), ".pytest_cache", "inductor")
 )

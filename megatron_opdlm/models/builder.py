@@ -157,7 +157,7 @@ def build_teacher(config: JobConfig) -> list[torch.nn.Module]:
 
 
 def build_student(config: JobConfig) -> list[torch.nn.Module]:
-    """Block-diffusion student, same architecture; its mask-token row starts at the mean embedding."""
+    """Block-diffusion student, same architecture; mask-token row starts at the mean embedding."""
     chunks = build_model_chunks(config, "student")
     init_mask_token_row(chunks, config.model)
     return chunks
