@@ -114,6 +114,12 @@ def _patch_cuda_literals() -> None:
 
         return wrapper
 
+    # `with torch.device("meta")` (transformers' model init) recognises factories through a
+    # cached set of torch functions: fill that cache with the originals before wrapping them,
+    # or factories stop honouring the device context (HF RoPE buffers came out uninitialised).
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _TENSOR_FACTORIES:
         setattr(torch, name, to_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

