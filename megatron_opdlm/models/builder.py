@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_opdlm.config import JobConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_opdlm.models.rope import install_positioned_rope
-from megatron_opdlm.models.specs import layer_spec, resolve_transformer_impl
+from megatron_opdlm.models.specs import block_spec, resolve_transformer_impl
 from megatron_opdlm.models.vocab import init_mask_token_row
 from megatron_opdlm.runtime import cpu_compat
 
@@ -115,7 +115,7 @@ def _build_chunk(
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_spec(config.model, impl, role),
+        transformer_layer_spec=block_spec(config.model, impl, role, tconfig, vp_stage),
         vocab_size=config.model.padded_vocab_size,
         max_sequence_length=config.model.max_position_embeddings,
         pre_process=pre,

@@ -17,6 +17,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_opdlm.config import ModelConfig, PrecisionConfig
+from megatron_opdlm.models.norms import RMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -49,6 +50,12 @@ def layer_spec(model: ModelConfig, impl: str, role: str) -> ModuleSpec:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+        # our RMSNorm: same function as torch's, and it supports sequence parallelism
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+        if model.qk_layernorm:
+            spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+            spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     # The student's block-diffusion mask is arbitrary: TE must honour the explicit mask.
     mask_type = AttnMaskType.causal if role == "teacher" else AttnMaskType.arbitrary
     spec.submodules.self_attention.params = {
@@ -56,3 +63,21 @@ def layer_spec(model: ModelConfig, impl: str, role: str) -> ModuleSpec:
         "attn_mask_type": mask_type,
     }
     return spec
+
+
+def block_spec(model: ModelConfig, impl: str, role: str, tconfig, vp_stage: int | None):
+    """Decoder block spec: this stage's layers, and the final norm matching the layer spec."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = layer_spec(model, impl, role)
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = RMSNorm
+    num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

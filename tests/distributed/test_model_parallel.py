@@ -1,4 +1,4 @@
-"""TP=2, PP=2, PP=2 x VPP=2, DP=2 and TP2 x PP2: student logits and gradients equal the one-process
+"""TP=2 (with and without sequence parallel), PP=2, PP=2 x VPP=2, DP=2 and TP2 x PP2: student logits and gradients equal the one-process
 model with the same weights.
 
 Weights travel through megatron's dist_checkpointing (saved at TP=PP=1, loaded at the layout);
@@ -32,11 +32,13 @@ SEQ = PROMPT + 2 * RESPONSE
 LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL = 2e-5, 1e-5, 1e-4
 
 
-def _config(tp=1, pp=1, vpp=None):
+def _config(tp=1, pp=1, vpp=None, sequence_parallel=False):
     overrides = ["model.num_layers=4", "model.tie_word_embeddings=true",
                  f"parallel.tp={tp}", f"parallel.pp={pp}"]  # fmt: skip
     if vpp:
         overrides.append(f"parallel.vpp={vpp}")
+    if sequence_parallel:
+        overrides.append("parallel.sequence_parallel=true")
     return tiny_config(*overrides)
 
 
@@ -68,7 +70,7 @@ def _load_weights(chunks, directory):
         chunk.load_state_dict(loaded[f"chunk{i}"])
 
 
-def _run_layout(tp, pp, vpp, weights_dir, grads_dir):
+def _run_layout(tp, pp, vpp, sp, weights_dir, grads_dir):
     """Inside a rank: build, load, forward/backward through megatron's schedules."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -79,7 +81,7 @@ def _run_layout(tp, pp, vpp, weights_dir, grads_dir):
     from megatron_opdlm.models.vocab import local_vocab_range
     from megatron_opdlm.runtime import distributed
 
-    config = _config(tp, pp, vpp)
+    config = _config(tp, pp, vpp, sp)
     distributed.initialize(config.parallel, seed=99)
     chunks = build_student(config)
     _load_weights(chunks, weights_dir)
@@ -140,8 +142,8 @@ def _run_layout(tp, pp, vpp, weights_dir, grads_dir):
 
 def _layouts_body(rank, world_size, layouts, tmp):
     results = []
-    for name, tp, pp, vpp in layouts:
-        logits = _run_layout(tp, pp, vpp, f"{tmp}/weights", f"{tmp}/grads_{name}")
+    for name, tp, pp, vpp, sp in layouts:
+        logits = _run_layout(tp, pp, vpp, sp, f"{tmp}/weights", f"{tmp}/grads_{name}")
         results.append(logits)
     return results
 
@@ -197,7 +199,13 @@ def _check_logits(per_rank_results, index, reference_logits, layout_name):
 
 def test_two_rank_layouts_match_single_process(reference):
     tmp, reference_logits, reference_grads = reference
-    layouts = [("tp2", 2, 1, None), ("pp2", 1, 2, None), ("pp2_vpp2", 1, 2, 2), ("dp2", 1, 1, None)]
+    layouts = [
+        ("tp2", 2, 1, None, False),
+        ("tp2_sp", 2, 1, None, True),
+        ("pp2", 1, 2, None, False),
+        ("pp2_vpp2", 1, 2, 2, False),
+        ("dp2", 1, 1, None, False),
+    ]
     results = run_distributed(_layouts_body, world_size=2, args=(layouts, str(tmp)))
     for index, (name, *_) in enumerate(layouts):
         _check_logits(results, index, reference_logits, name)
@@ -206,7 +214,7 @@ def test_two_rank_layouts_match_single_process(reference):
 
 def test_tp2_pp2_four_ranks_match_single_process(reference):
     tmp, reference_logits, reference_grads = reference
-    layouts = [("tp2_pp2", 2, 2, None)]
+    layouts = [("tp2_pp2", 2, 2, None, False)]
     results = run_distributed(_layouts_body, world_size=4, args=(layouts, str(tmp)))
     _check_logits(results, 0, reference_logits, "tp2_pp2")
     _check_grads(tmp, "tp2_pp2", reference_grads)
