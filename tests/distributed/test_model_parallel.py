@@ -1,5 +1,5 @@
-"""TP=2 (with and without sequence parallel), PP=2, PP=2 x VPP=2, DP=2 and TP2 x PP2: student logits and gradients equal the one-process
-model with the same weights.
+"""TP=2 (with and without sequence parallel), PP=2, PP=2 x VPP=2, DP=2 and TP2 x PP2: student
+logits and gradients equal the one-process model with the same weights.
 
 Weights travel through megatron's dist_checkpointing (saved at TP=PP=1, loaded at the layout);
 gradients come back the same way (written into the parameters, saved at the layout, loaded at
