@@ -1,0 +1,1 @@
+"""Distillation: teacher targets, vocab-parallel divergences and the loss."""
