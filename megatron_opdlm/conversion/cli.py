@@ -1,0 +1,120 @@
+"""Command lines of tools/convert_hf_to_megatron.py and tools/convert_megatron_to_hf.py.
+
+Exit codes: 0 success, 1 --verify found the models differ past tolerance, 2 bad input (a
+ValueError: unsupported architecture, missing/extra tensors, shapes, layout, output exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _fail(exc: ValueError) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _print_metrics(metrics: dict) -> None:
+    rows = [
+        ("max |logit diff|", f"{metrics['max_abs_logit_diff']:.3e}"),
+        ("mean KL(hf || megatron)",
+         f"{metrics['mean_kl']:.3e} (tolerance {metrics['kl_tolerance']:g})"),
+        ("max KL", f"{metrics['max_kl']:.3e}"),
+        ("argmax agreement", f"{metrics['argmax_agreement']:.4f} (must be 1)"),
+        ("result", "PASS" if metrics["passed"] else "FAIL"),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def hf_to_megatron_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Convert a Hugging Face model directory (Llama 3.x, Qwen2/2.5, Qwen3, Mistral) "
+        "into a Megatron distributed checkpoint loadable at any TP/PP/VPP."
+    )
+    parser.add_argument("--hf-dir", required=True, help="HF directory: config.json, safetensors")
+    parser.add_argument(
+        "--out", required=True, help="checkpoint directory to create (must not exist)"
+    )
+    parser.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (checked)")
+    parser.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (checked)")
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="on-disk dtype (default: the HF tensors' dtype)",
+    )
+    parser.add_argument(
+        "--vocab-pad-multiple",
+        type=int,
+        default=None,
+        help="pad the vocabulary to a multiple of this (default lcm(128, tp))",
+    )
+    parser.add_argument(
+        "--max-chunk-mb",
+        type=float,
+        default=128,
+        help="largest chunk held in memory and stored (MiB)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare logits with transformers afterwards (loads both models)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)  # fmt: skip
+    from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
+
+    try:
+        result = convert_hf_to_megatron(
+            args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
+            max_chunk_mb=args.max_chunk_mb, vocab_pad_multiple=args.vocab_pad_multiple,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as exc:
+        return _fail(exc)
+    mib = result["bytes"] / 2**20
+    print(f"wrote {result['out']} ({mib:.1f} MiB, {mib / max(result['seconds'], 1e-9):.0f} MiB/s)")
+    if not args.verify:
+        return 0
+    from megatron_opdlm.conversion.verify import verify_conversion
+
+    torch.set_grad_enabled(False)
+    metrics = verify_conversion(args.hf_dir, args.out)
+    _print_metrics(metrics)
+    return 0 if metrics["passed"] else 1
+
+
+def megatron_to_hf_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Export a Megatron checkpoint (from the converter or training, any TP/PP) "
+        "to Hugging Face safetensors; a student's config records its diffusion settings."
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint dir (or trainer save dir)")
+    parser.add_argument("--out", required=True, help="HF directory to create (must not exist)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="output dtype (default: as stored)",
+    )
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)  # fmt: skip
+    from megatron_opdlm.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    try:
+        result = convert_megatron_to_hf(
+            args.ckpt, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as exc:
+        return _fail(exc)
+    print(json.dumps({"out": str(result["out"]), "MiB": round(result["bytes"] / 2**20, 1)}))
+    return 0
