@@ -1,0 +1,134 @@
+"""One forward of the sampler through this rank's model chunks, under TP and PP (and VPP).
+
+Every rank of a model-parallel group calls `forward` with the same tokens and mask. The first
+stage embeds the tokens; hidden states [s, b, h] (whole, see `sequence_parallel_off`) go stage
+to stage with megatron's P2PCommunicator (virtual stages in the interleaved order: chunk v of
+pipeline rank r is global stage v * pp + r); the last stage projects only the query rows the
+sampler asked for and gathers them over tensor-parallel ranks, so it returns full-vocabulary
+logits [b, n, V] and every other rank returns None. Decisions made from those logits are sent
+back with `broadcast_from_last_stage`, so all ranks of the pipeline keep the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.utils import get_attr_wrapped_model
+
+
+def _project_rows(*, hidden_states, output_layer, output_weight, context, scale_logits, **_):
+    """GPTModel output_processor: vocab projection of the selected query rows only.
+
+    hidden_states [s, b, h]; context: LongTensor of row indices (may be empty).
+    Returns [b, n, V] logits gathered over tensor-parallel ranks.
+    """
+    rows = context
+    if rows.numel() == 0:  # nothing to read (a prefill without token shift): skip the projection
+        return hidden_states.new_zeros((hidden_states.shape[1], 0, 1))
+    logits, _ = output_layer(
+        hidden_states.index_select(0, rows), weight=output_weight, runtime_gather_output=True
+    )  # [n, b, V]
+    return scale_logits(logits).transpose(0, 1).contiguous()  # [b, n, V]
+
+
+class ModelRunner:
+    """Runs this rank's chunks as one pipeline forward (no gradients)."""
+
+    def __init__(self, model_chunks: list[torch.nn.Module]):
+        if not model_chunks:
+            raise ValueError("model_chunks is empty: pass this rank's list of model chunks")
+        self.chunks = model_chunks
+        self.config = get_attr_wrapped_model(model_chunks[0], "config")
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.hidden_size = self.config.hidden_size
+        self.pre_process = [get_attr_wrapped_model(c, "pre_process") for c in model_chunks]
+        self.post_process = [get_attr_wrapped_model(c, "post_process") for c in model_chunks]
+        self.is_last_stage = self.post_process[-1]
+        self.communicator = None
+        if self.pp_size > 1:
+            self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+            self.communicator = P2PCommunicator(self.pp_group, self.config)
+            self.last_stage_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+
+    @torch.no_grad()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [b, s] long
+        positions: torch.Tensor,  # [b, s] long
+        attention_mask: torch.Tensor,  # [b, 1, s, k] bool, True = masked out
+        logit_rows: torch.Tensor,  # [n] long, query rows (0..s-1) to project
+        inference_context=None,
+    ) -> torch.Tensor | None:
+        """Full-vocabulary logits [b, n, V] float32 on the last stage, None elsewhere."""
+        b, s = tokens.shape
+        output = None
+        for chunk, first, last in zip(self.chunks, self.pre_process, self.post_process):
+            if not first:
+                hidden = self.communicator.recv_forward(
+                    [s, b, self.hidden_size], is_first_stage=False
+                )
+                get_attr_wrapped_model(chunk, "set_input_tensor")(hidden)
+            output = chunk(
+                tokens,
+                positions,
+                attention_mask,
+                inference_context=inference_context,
+                runtime_gather_output=True,
+                output_processor=_project_rows,
+                output_processor_context=logit_rows,
+            )
+            if not last:
+                self.communicator.send_forward(output, is_last_stage=False)
+        return output.float() if self.is_last_stage else None
+
+    def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's `tensor` on every stage (same shape and dtype everywhere)."""
+        if self.pp_size > 1:
+            dist.broadcast(tensor, src=self.last_stage_rank, group=self.pp_group)
+        return tensor
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model_chunks: list[torch.nn.Module]):
+    """Run a sequence-parallel model without sequence parallelism for the rollout.
+
+    A block of B tokens (or a prompt) need not divide by the TP size, and the sampler reads
+    single query rows, so rollout activations stay whole on every TP rank: the configs and every
+    module's `sequence_parallel` / `reduce_scatter_embeddings` flag (the linear layers switch
+    from all-gather / reduce-scatter to copy / all-reduce, the same math) are turned off for the
+    call and restored after. The weights are the same; only the communication pattern changes.
+    """
+    saved = []
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            for name in ("sequence_parallel", "reduce_scatter_embeddings"):
+                if isinstance(getattr(module, name, None), bool) and getattr(module, name):
+                    saved.append((module, name))
+            config = getattr(module, "config", None)
+            if getattr(config, "sequence_parallel", False):
+                saved.append((config, "sequence_parallel"))
+    for owner, name in saved:
+        setattr(owner, name, False)
+    try:
+        yield
+    finally:
+        for owner, name in saved:
+            setattr(owner, name, True)
+
+
+@contextlib.contextmanager
+def eval_mode(model_chunks: list[torch.nn.Module]):
+    """Eval mode (no dropout) for the rollout; each module's training flag restored after."""
+    modes = [(m, m.training) for chunk in model_chunks for m in chunk.modules()]
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
