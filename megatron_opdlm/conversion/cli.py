@@ -85,8 +85,8 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_opdlm.conversion.verify import verify_conversion
 
-    torch.set_grad_enabled(False)
-    metrics = verify_conversion(args.hf_dir, args.out)
+    with torch.no_grad():  # scoped: main() is also called in-process (tests, the demo)
+        metrics = verify_conversion(args.hf_dir, args.out)
     _print_metrics(metrics)
     return 0 if metrics["passed"] else 1
 
