@@ -278,6 +278,7 @@ class DataConfig:
 
     train_prompts: str | None = doc(None, "JSONL of prompts (see data/README.md for the schema)")
     eval_prompts: str | None = doc(None, "held-out JSONL prompts for evaluation")
+    eval_limit: int = doc(0, "held-out prompts used per evaluation (the first N); 0 = all")
     tokenizer: str | None = doc(None, "HF tokenizer directory or SentencePiece model file")
     chat_template: bool = doc(True, "wrap prompts in the tokenizer's chat template")
     max_prompt_length: int = doc(256, "prompts longer than this (tokens) are refused")
@@ -285,6 +286,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.max_prompt_length < 1:
             raise ValueError(f"data.max_prompt_length={self.max_prompt_length} must be >= 1")
+        if self.eval_limit < 0:
+            raise ValueError(f"data.eval_limit={self.eval_limit} must be >= 0 (0 = all)")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Training: the OPDLM trainer loop, its optimizer, schedules, checkpoints and resilience."""

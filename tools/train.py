@@ -1,0 +1,11 @@
+"""Train a block-diffusion student by OPDLM: `python tools/train.py --config FILE.yaml [k=v ...]`.
+
+`--help` lists every config field. See megatron_opdlm/training/cli.py for exit codes.
+"""
+
+import sys
+
+from megatron_opdlm.training.cli import main
+
+if __name__ == "__main__":  # dist_checkpointing's save spawns a manager that re-imports __main__
+    sys.exit(main())
