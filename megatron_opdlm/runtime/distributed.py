@@ -104,12 +104,13 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
     if on_gpu:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         import datetime
 
+        # An explicit address, not MASTER_* in os.environ: a single process must not leak its
+        # rendezvous port into the environment of the processes it starts (they would collide).
         dist.init_process_group(
             backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

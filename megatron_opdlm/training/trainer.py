@@ -232,15 +232,16 @@ class Trainer:
                 result.history.extend(self._rollout_step())
                 self.rollout_step += 1
                 last_step_seconds = time.perf_counter() - start
-                interval = job.train.eval_interval
-                if self.eval_data is not None and interval and self.rollout_step % interval == 0:
-                    result.evals.append(self.evaluate())
-                save_every = job.checkpoint.save_interval
                 done = self.rollout_step == job.train.rollout_steps
+                # A stop skips the evaluation: the time left goes to the checkpoint.
                 if stop.should_stop(last_step_seconds, self.last_save_seconds) and not done:
                     result.stopped_early = stop.reason
                     log.info("stopping after rollout step %d: %s", self.rollout_step, stop.reason)
                     break
+                interval = job.train.eval_interval
+                if self.eval_data is not None and interval and self.rollout_step % interval == 0:
+                    result.evals.append(self.evaluate())
+                save_every = job.checkpoint.save_interval
                 if save_every and self.rollout_step % save_every == 0 and not done:
                     result.checkpoint = self.save()
             if (

@@ -35,7 +35,11 @@ train: {rollout_steps: 6, prompts_per_rollout: 8, global_batch_size: 8, micro_ba
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # A single-process run picks a free port unless MASTER_PORT is set: drop what an in-process
+    # test of this session may have exported, or concurrent runs would share one port.
+    launch = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def _config(tmp_path: Path) -> Path:
