@@ -55,6 +55,21 @@ class PromptDataset:
         return self.records[index]
 
 
+def iter_jsonl(path: Path):
+    """(where "file:line", line number, parsed object) for each non-blank line of a JSONL file."""
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                yield where, line_number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+
+
 def _check_ids(value: Any, name: str, vocab_size: int, where: str) -> list[int]:
     if (
         not isinstance(value, list)
@@ -171,30 +186,20 @@ def load_prompts(
     if not path.is_file():
         raise ValueError(f"prompt file {str(path)!r} does not exist")
     records: list[PromptRecord] = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
-            records.append(
-                _parse_record(
-                    raw,
-                    where,
-                    tokenizer,
-                    chat_template,
-                    vocab_size,
-                    eos_token_ids,
-                    max_prompt_length,
-                    need_response,
-                    default_id=f"{path.name}:{line_number}",
-                )  # fmt: skip
-            )
+    for where, line_number, raw in iter_jsonl(path):
+        records.append(
+            _parse_record(
+                raw,
+                where,
+                tokenizer,
+                chat_template,
+                vocab_size,
+                eos_token_ids,
+                max_prompt_length,
+                need_response,
+                default_id=f"{path.name}:{line_number}",
+            )  # fmt: skip
+        )
     if not records:
         raise ValueError(f"prompt file {path} holds no records (empty or only blank lines)")
     return PromptDataset(records, str(path))

@@ -7,9 +7,10 @@ tokenizer's chat template exactly as training does (`data.tokenizer.Tokenizer.en
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_opdlm.data.prompts import iter_jsonl
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data" / "bundled"
 HELDOUT_PROMPTS = BUNDLED_DIR / "prompts_heldout.jsonl"
@@ -30,22 +31,14 @@ def read_jsonl(path: str | Path, limit: int | None = None, need_answer: bool = F
     if limit is not None and limit < 1:
         raise ValueError(f"asked for {limit} records of {path}; ask for at least 1")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{where}: expected an object with a text 'prompt'")
-            if need_answer and not isinstance(record.get("answer"), str):
-                raise ValueError(f"{where}: a QA item needs a text 'answer'")
-            records.append(record)
-            if limit is not None and len(records) == limit:
-                break
+    for where, _, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{where}: expected an object with a text 'prompt'")
+        if need_answer and not isinstance(record.get("answer"), str):
+            raise ValueError(f"{where}: a QA item needs a text 'answer'")
+        records.append(record)
+        if limit is not None and len(records) == limit:
+            break
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
