@@ -1,6 +1,6 @@
 """Data efficiency: OPDLM vs masked-diffusion SFT vs off-policy distillation, same student init.
 
-    python tools/bench/bench_data_efficiency.py --minutes 8          # ~30 min on 2 CPU cores
+    python tools/bench/bench_data_efficiency.py                      # ~90 min on 2 CPU cores
     python tools/bench/bench_data_efficiency.py --teacher CKPT --methods opdlm mdlm_sft
 
 Every method starts from the same converted teacher (SmolLM2-135M-Instruct by default), sees the
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default="runs/bench/data_efficiency")
     p.add_argument("--teacher", help="converted teacher checkpoint (default: convert SmolLM2)")
     p.add_argument("--methods", nargs="+", default=["opdlm", "mdlm_sft", "offpolicy"])
-    p.add_argument("--minutes", type=float, default=8.0, help="training budget per method")
+    p.add_argument("--minutes", type=float, default=25.0, help="training budget per method")
     p.add_argument(
         "--num-prompts", type=int, default=256, help="training prompts (teacher-answered)"
     )
