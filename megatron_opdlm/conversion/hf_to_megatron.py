@@ -32,10 +32,11 @@ from megatron_opdlm.conversion.hf_config import (
 )
 from megatron_opdlm.conversion.mappings import Dims, Mapping, overlapping
 from megatron_opdlm.conversion.safetensors_io import SafetensorsReader
+from megatron_opdlm.models.builder import TORCH_DTYPES
 from megatron_opdlm.runtime.logging import get_logger
 
 log = get_logger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = TORCH_DTYPES
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:

@@ -23,7 +23,8 @@ from megatron_opdlm.models.specs import block_spec, resolve_transformer_impl
 from megatron_opdlm.models.vocab import init_mask_token_row
 from megatron_opdlm.runtime import cpu_compat
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the one map from config dtype names to torch dtypes (training, conversion, tools)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(
@@ -67,10 +68,10 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         sequence_parallel=parallel.sequence_parallel,
-        params_dtype=_DTYPES[precision.dtype],
+        params_dtype=TORCH_DTYPES[precision.dtype],
         bf16=precision.dtype == "bf16",
         fp16=precision.dtype == "fp16",
-        pipeline_dtype=_DTYPES[precision.dtype],
+        pipeline_dtype=TORCH_DTYPES[precision.dtype],
         use_cpu_initialization=not on_gpu,
         # Fusions need CUDA kernels (Apex / TE); the local spec on a CPU runs unfused.
         gradient_accumulation_fusion=False,

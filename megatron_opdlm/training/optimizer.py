@@ -22,8 +22,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_opdlm.config import JobConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megatron_opdlm.models.builder import TORCH_DTYPES
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -82,7 +81,7 @@ def build_optimizer(job: JobConfig, ddp_chunks: list[DistributedDataParallel]):
         clip_grad=optim.clip_grad,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
-        params_dtype=_DTYPES[dtype],
+        params_dtype=TORCH_DTYPES[dtype],
         use_distributed_optimizer=job.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, ddp_chunks)
