@@ -40,6 +40,7 @@ from megatron_opdlm.diffusion.remasking import RemaskingStrategy, get_remasking,
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
 from megatron_opdlm.diffusion.sampling import propose_tokens
 from megatron_opdlm.models.vocab import mask_invalid_logits
+from megatron_opdlm.runtime import cpu_compat
 
 # round_callback(block, round, logits [b, B, V], x [b, B], masked [b, B], select [b, B]):
 # called on the last pipeline stage after each round's decision (tests, analysis).
@@ -156,7 +157,11 @@ def generate(
         generator,
         round_callback,
     )
-    with eval_mode(model_chunks), sequence_parallel_off(model_chunks):
+    with (
+        eval_mode(model_chunks),
+        sequence_parallel_off(model_chunks),
+        cpu_compat.small_row_linears(model_chunks),
+    ):
         return decoder.run(return_confidences)
 
 

@@ -27,6 +27,10 @@ Config values (not patches; `transformer_config_overrides()`, used by models.bui
                   (virtual pipeline) schedule the wrong activations (logits off by ~0.2 from the
                   third micro-batch on; tests/distributed/test_model_parallel.py); unbatched p2p
                   is exact.
+
+Speed (not a fix; a context manager the sampler enters, a no-op with CUDA):
+  small_row_linears  the sampler's forwards carry a block of a few tokens; on CPU megatron's
+                  x @ W^T costs up to 2.4x a one-token forward there, W @ x^T about 1x.
 """
 
 from __future__ import annotations
@@ -290,3 +294,65 @@ def apply(skip: tuple[str, ...] | None = None) -> frozenset[str]:
             patch()
             _applied.add(name)
     return applied()
+
+
+# Rows at or below which `small_row_linears` computes weight @ x^T. MKL's sgemm packs the weight
+# for x @ W^T; with a handful of rows that packing dominates. SmolLM2-135M shapes, 1 thread
+# (all 121 projections of one forward, tools/bench/bench_sampler.py's machine): 4 rows 72 ms vs
+# 46 ms (1 row: 49 ms), 8 rows 87 vs 79 ms, 9 rows 90 vs 113 ms, so the crossover is near 8.
+SMALL_ROWS = 8
+
+
+def _small_row_forward_impl(module):
+    """`_forward_impl` for one megatron linear: W @ x^T for few rows without autograd on CPU."""
+    import torch
+
+    fallback = type(module)._forward_impl.__get__(module)
+
+    def forward_impl(input, weight, bias=None, sequence_parallel=False, **kwargs):
+        rows = input.numel() // input.shape[-1]
+        if (
+            torch.is_grad_enabled()
+            or sequence_parallel
+            or kwargs.get("gtp_remat_size", 1) > 1
+            or input.device.type != "cpu"
+            or rows > SMALL_ROWS
+        ):
+            return fallback(
+                input=input, weight=weight, bias=bias, sequence_parallel=sequence_parallel,
+                **kwargs,
+            )  # fmt: skip
+        flat = input.reshape(rows, input.shape[-1])  # [m, in]
+        output = torch.mm(weight, flat.t()).t().contiguous()  # [out, m] -> [m, out]
+        if bias is not None:
+            output = output + bias
+        return output.view(*input.shape[:-1], weight.shape[0])  # [..., out]
+
+    return forward_impl
+
+
+@contextlib.contextmanager
+def small_row_linears(model_chunks):
+    """CPU speed-up for the sampler's few-token forwards (a block of B tokens, a few projected
+    rows): megatron's Column/RowParallelLinear compute x @ W^T, which on CPU costs 1.5-2.4x a
+    one-row forward at 3-5 rows (see SMALL_ROWS); W @ x^T costs about the same as one row.
+    Same math, summed in another order (fp32 results differ in the last bits). Does nothing when
+    CUDA is in use or under autograd; the previous `_forward_impl` is restored on exit."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    linears = []
+    if needed():
+        linears = [
+            m
+            for chunk in model_chunks
+            for m in chunk.modules()
+            if isinstance(m, ColumnParallelLinear | RowParallelLinear)
+            and "_forward_impl" not in vars(m)
+        ]
+    for module in linears:
+        module._forward_impl = _small_row_forward_impl(module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module._forward_impl

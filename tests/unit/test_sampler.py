@@ -267,3 +267,43 @@ def test_explicit_masks_flags_only_attention_that_could_ignore_the_mask(tiny):
         assert not first.training
     finally:
         first.core_attention = local_core
+
+
+def test_small_row_linears_take_the_weight_first_product_for_few_rows_only(tiny, monkeypatch):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_opdlm.runtime import cpu_compat
+
+    _, chunks = tiny
+    calls = []
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        original = cls._forward_impl
+
+        def counting(self, *args, _original=original, **kwargs):
+            calls.append(type(self).__name__)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "_forward_impl", counting)
+
+    def logits(length):
+        ids = torch.arange(5, 5 + length)[None]  # [1, s]
+        mask = causal_mask(torch.ones_like(ids, dtype=torch.bool))
+        return chunks[0](ids, torch.arange(length)[None], mask)  # [1, s, V]
+
+    chunks[0].eval()
+    with torch.no_grad():
+        few_ref, many_ref = logits(cpu_compat.SMALL_ROWS), logits(cpu_compat.SMALL_ROWS + 1)
+        calls.clear()
+        with cpu_compat.small_row_linears(chunks):
+            few = logits(cpu_compat.SMALL_ROWS)
+            assert calls == [], "few rows: every linear takes W @ x^T"
+            many = logits(cpu_compat.SMALL_ROWS + 1)
+            assert len(calls) == 2 * 4 + 1, "more rows: megatron's path (4 linears/layer + head)"
+            calls.clear()
+            with torch.enable_grad():
+                logits(2)
+            assert calls, "under autograd megatron's path is kept (its backward is needed)"
+    # same math summed in another order: fp32 rounding only (measured ~1e-7 on this model)
+    torch.testing.assert_close(few, few_ref, rtol=0, atol=1e-5)
+    assert torch.equal(many, many_ref)
+    assert not any("_forward_impl" in vars(m) for m in chunks[0].modules()), "restored on exit"
