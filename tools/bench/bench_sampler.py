@@ -8,9 +8,10 @@ Rows per batch size (greedy; block 4 and token shift unless the student was trai
 EOS ignored so every run decodes exactly the same number of tokens, as HF's min_new_tokens):
   static        cached, B steps per block (1 token per forward)
   dynamic 0.9   cached, threshold 0.9;   dynamic 0.7: threshold 0.7
-  no cache      static without the KV cache (whole sequence every round); slow, so it decodes
-                --no-cache-tokens tokens. Its per-token cost grows with length, so the cache
-                speed-up measured at a shorter length is an underestimate.
+  no cache      static without the KV cache (whole sequence every round, same decisions and
+                forwards as `static`): about 4 min at batch 1 and 25 min at batch 8 for 256
+                tokens on 1 core. --no-cache-tokens N decodes fewer; its per-token cost grows
+                with length, so a speed-up measured at a shorter length is an underestimate.
   AR teacher    transformers generate(do_sample=False) with its KV cache, same weights
 Without --ckpt the student is SmolLM2-135M-Instruct converted from the bundled GGUF, untrained
 (its mask row is the mean embedding): tokens per forward are the untrained figures. The machine
@@ -51,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default="runs/bench/smollm2", help="where SmolLM2 is converted")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--no-cache-tokens", type=int, default=32, help="tokens for the no-cache row")
+    p.add_argument(
+        "--no-cache-tokens", type=int, help="tokens for the no-cache row (default: --new-tokens)"
+    )
     p.add_argument("--block-size", type=int, help="default: the student's (4 untrained)")
     # 1 thread: on a shared 2-core machine, 2 OpenMP threads make small-M GEMMs (a block of 4
     # tokens) 10-30x slower whenever another process takes a core (measured); 1 is stable
@@ -124,6 +127,8 @@ def time_student(job, chunks, prompts, new_tokens, **rollout):
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "tokens_per_forward": per_forward,
+        # the batch runs as many forwards as its slowest sequence
+        "ms_per_forward": 1e3 * seconds / int(batch.num_forwards.max()),
     }
 
 
@@ -156,11 +161,14 @@ def time_teacher(hf_model, prompts, new_tokens):
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
         "tokens_per_forward": 1.0,
+        "ms_per_forward": 1e3 * seconds / (out.shape[1] - width),
     }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.no_cache_tokens is None:
+        args.no_cache_tokens = args.new_tokens
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
@@ -232,20 +240,27 @@ def ratios(results):
     }
     summary = {}
     for batch_size in sorted({r["batch"] for r in results}):
-        rows = {r["run"]: r["tokens_per_s"] for r in results if r["batch"] == batch_size}
+        rows = {r["run"]: r for r in results if r["batch"] == batch_size}
         summary[f"b{batch_size}"] = {
-            key: rows[a] / rows[b] for key, (a, b) in pairs.items() if a in rows and b in rows
+            key: rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
+            for key, (a, b) in pairs.items()
+            if a in rows and b in rows
         }
+        if "static" in rows and "AR teacher" in rows:  # what one denoising round costs
+            summary[f"b{batch_size}"]["static_forward_vs_ar_step"] = (
+                rows["static"]["ms_per_forward"] / rows["AR teacher"]["ms_per_forward"]
+            )
     return summary
 
 
 def print_table(results, summary):
-    print("\n| batch | run | tokens | seconds | tokens/s | tokens/forward |")
-    print("|---|---|---|---|---|---|")
+    print("\n| batch | run | tokens | seconds | tokens/s | tokens/forward | ms/forward |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['batch']} | {r['run']} | {r['tokens']} | {r['seconds']:.2f} | "
-            f"{r['tokens_per_s']:.2f} | {r['tokens_per_forward']:.2f} |"
+            f"{r['tokens_per_s']:.2f} | {r['tokens_per_forward']:.2f} | "
+            f"{r['ms_per_forward']:.1f} |"
         )
     print("\n| batch | ratio (tokens/s) | value |\n|---|---|---|")
     for name, values in summary.items():
