@@ -82,12 +82,14 @@ def load_student(ckpt):
         TOKENIZER_DIR,
         load_model_checkpoint,
         read_model_meta,
+        resolve_checkpoint_dir,
     )
     from megatron_opdlm.data.tokenizer import load_tokenizer
     from megatron_opdlm.models.builder import build_student
     from megatron_opdlm.models.vocab import init_mask_token_row
     from megatron_opdlm.runtime import distributed
 
+    ckpt = resolve_checkpoint_dir(ckpt)  # a trainer save dir: its latest checkpoint
     model_cfg, trained = read_model_meta(ckpt)
     # a trained student decodes as it was trained; the untrained one with the AR head's shift
     diffusion = trained or DiffusionConfig(token_shift=True)
