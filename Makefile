@@ -48,8 +48,8 @@ demo: setup
 	$(PY) examples/demo.py $(DEMO_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check megatron_opdlm tools examples tests
-	$(VENV)/bin/ruff format --check megatron_opdlm tools examples tests
+	$(VENV)/bin/ruff check megatron_opdlm tools examples tests setup.py
+	$(VENV)/bin/ruff format --check megatron_opdlm tools examples tests setup.py
 
 format: setup
 	$(VENV)/bin/ruff format megatron_opdlm tools examples tests

@@ -1,4 +1,4 @@
-"""megatron-opdlm: autoregressive -> block-diffusion LLMs by on-policy distillation on Megatron-Core."""
+"""megatron-opdlm: AR LLMs -> block-diffusion LLMs by on-policy distillation on Megatron-Core."""
 
 from setuptools import find_packages, setup
 

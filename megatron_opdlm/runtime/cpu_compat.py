@@ -297,9 +297,11 @@ def apply(skip: tuple[str, ...] | None = None) -> frozenset[str]:
 
 
 # Rows at or below which `small_row_linears` computes weight @ x^T. MKL's sgemm packs the weight
-# for x @ W^T; with a handful of rows that packing dominates. SmolLM2-135M shapes, 1 thread
-# (all 121 projections of one forward, tools/bench/bench_sampler.py's machine): 4 rows 72 ms vs
-# 46 ms (1 row: 49 ms), 8 rows 87 vs 79 ms, 9 rows 90 vs 113 ms, so the crossover is near 8.
+# for x @ W^T; with a handful of rows that packing dominates. tools/bench/bench_small_row_linear.py
+# (all 121 projections of one SmolLM2-135M forward, 1 thread, 2-core dev machine, quiet):
+# x @ W^T vs W @ x^T = 3 rows 95.6 vs 45.7 ms, 4 rows 62.0 vs 45.4 (1 row: 44 ms), 5 rows 72.1
+# vs 58.1, 6-8 rows even (0.94-0.99x), 9 rows 82.8 vs 104.6. 8 keeps the sampler's 8-query
+# fused-commit round on this path, whose vocabulary head projects only 3-4 rows.
 SMALL_ROWS = 8
 
 
