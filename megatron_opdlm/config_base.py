@@ -40,7 +40,13 @@ def _is_section(tp: Any) -> bool:
 
 def _parse_scalar(text: str, tp: Any, where: str) -> Any:
     """Parse a command-line string into the field's type (YAML syntax for lists/None/bools)."""
-    value = yaml.safe_load(text) if text != "" else ""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or "bad syntax").split())
+        raise ValueError(
+            f"{where}: {text!r} is not a YAML value ({problem}); fix its syntax"
+        ) from None
     return _coerce(value, tp, where)
 
 
@@ -160,7 +166,17 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ValueError(
+                f"config file {str(path)!r} is not valid YAML{at} ({problem}); fix its syntax"
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
         data = loaded or {}
     for override in overrides or []:
         apply_override(data, cls, override)

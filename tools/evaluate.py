@@ -33,11 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_opdlm.cli_errors import ArgumentParser, report_usage_error, run_cli  # noqa: E402
 from megatron_opdlm.evaluation import report  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate AR / block-diffusion checkpoints")
+    p = ArgumentParser(description="Evaluate AR / block-diffusion checkpoints")
     p.add_argument("--teacher", help="AR teacher checkpoint (scores NLL and KL)")
     p.add_argument(
         "--model",
@@ -217,15 +218,13 @@ def main(argv=None) -> int:
     try:
         models, tokens = check_args(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_usage_error(exc)
     results = report.read_results(args.plot_from) if args.plot_from else []
     if args.teacher is not None:
         try:
             result, printer = evaluate(args, models, tokens)
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return report_usage_error(exc)
         if not printer:
             return 0
         print(report.format_tables(result))
@@ -238,4 +237,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -4,9 +4,10 @@
     python tools/generate.py --ckpt CKPT --prompts prompts.txt --remasking dynamic --threshold 0.9
     torchrun --nproc-per-node 2 tools/generate.py --ckpt CKPT --prompts prompts.jsonl --tp 2
 
---prompts: a text file with one prompt per line, or JSONL with a "prompt" field (text or chat
-messages). A checkpoint without a DiffusionConfig is an AR teacher: it decodes with token shift
-(its head predicts the next token), and with --block-size 1 that is exactly greedy AR decoding.
+--prompts: a text file with one prompt per line, or JSONL records with a "prompt" (text) or
+"messages" (chat turns) field, as in training prompt files. A checkpoint without a
+DiffusionConfig is an AR teacher: it decodes with token shift (its head predicts the next
+token), and with --block-size 1 that is exactly greedy AR decoding.
 Data-parallel ranks (world / (tp * pp)) split the prompts; rank 0 prints every result, then
 tokens/s and tokens per forward. Sampling is reproducible for a given --seed and layout.
 """
@@ -15,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from megatron_opdlm.cli_errors import ArgumentParser, UsageError, run_cli
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory (or a trainer save dir)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt (text)")
@@ -53,15 +53,65 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_prompts(args) -> list:
+    """Prompt texts or chat-message lists; UsageError naming the file and line of a bad one."""
+    from megatron_opdlm.data.prompts import iter_jsonl
+
     if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UsageError("--prompt", "is empty", "give the text to generate from")
         return [args.prompt]
     path = Path(args.prompts)
     if not path.is_file():
-        raise ValueError(f"--prompts {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in lines]
+        raise UsageError(f"--prompts {path}", "does not exist", "give a .txt or .jsonl file")
+    if path.suffix != ".jsonl":
+        try:
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompts {path}", "is not UTF-8 text", "give a text file") from None
+    else:
+        lines = []
+        for where, _, record in iter_jsonl(path):
+            lines.append(_jsonl_prompt(record, where))
+    if not lines:
+        raise UsageError(f"--prompts {path}", "holds no prompts", "write one prompt per line")
     return lines
+
+
+def _jsonl_prompt(record, where: str):
+    """The "prompt" (text) or "messages" (chat turns) of one JSONL record, as the trainer reads."""
+    from megatron_opdlm.data.prompts import check_messages
+
+    fix = 'give {"prompt": "text"} or {"messages": [{"role": "user", "content": "text"}]}'
+    if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
+        raise UsageError(where, "needs exactly one of 'prompt' and 'messages'", fix)
+    if "messages" in record:
+        return check_messages(record["messages"], where)
+    if isinstance(record["prompt"], list):  # chat turns under "prompt", as earlier versions read
+        return check_messages(record["prompt"], where)
+    if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+        raise UsageError(where, "'prompt' must be a non-empty string", fix)
+    return record["prompt"]
+
+
+def check_checkpoint(path: str) -> Path:
+    """A checkpoint directory with its model and tokenizer, checked before anything is built."""
+    from megatron_opdlm.conversion.checkpoint_io import (
+        MODEL_DIR,
+        TOKENIZER_DIR,
+        resolve_checkpoint_dir,
+    )
+
+    if not Path(path).is_dir():
+        raise UsageError(f"--ckpt {path}", "is not a directory", "give a checkpoint directory")
+    ckpt = resolve_checkpoint_dir(path)
+    fix = "give a directory written by tools/convert_hf_to_megatron.py or tools/train.py"
+    if not (ckpt / "opdlm_model.yaml").is_file():
+        raise UsageError(f"--ckpt {path}", "is not a megatron-opdlm checkpoint", fix)
+    if not (ckpt / MODEL_DIR / "metadata.json").is_file():
+        raise UsageError(f"--ckpt {path}", f"has no weights ({MODEL_DIR}/metadata.json)", fix)
+    if not (ckpt / TOKENIZER_DIR).is_dir():
+        raise UsageError(f"--ckpt {path}", f"has no {TOKENIZER_DIR}/ directory", fix)
+    return ckpt
 
 
 def build_job(args, model_cfg, trained_diffusion):
@@ -106,7 +156,6 @@ def main(argv=None) -> int:
         TOKENIZER_DIR,
         load_model_checkpoint,
         read_model_meta,
-        resolve_checkpoint_dir,
     )
     from megatron_opdlm.data.tokenizer import load_tokenizer
     from megatron_opdlm.diffusion.sampler import generate
@@ -114,14 +163,17 @@ def main(argv=None) -> int:
     from megatron_opdlm.models.vocab import init_mask_token_row
     from megatron_opdlm.runtime import distributed
 
-    ckpt = resolve_checkpoint_dir(args.ckpt)
+    texts = read_prompts(args)
+    ckpt = check_checkpoint(args.ckpt)
     model_cfg, trained_diffusion = read_model_meta(ckpt)
     job = build_job(args, model_cfg, trained_diffusion)
-    texts = read_prompts(args)
     launch = distributed.read_launch_env()
     job.validate(world_size=launch.world_size)
     tokenizer = load_tokenizer(ckpt / TOKENIZER_DIR)
     prompts = [tokenizer.encode_prompt(text, chat=args.chat) for text in texts]
+    for index, ids in enumerate(prompts):
+        if not ids:
+            raise UsageError(f"prompt {index}", "tokenizes to nothing", "give a non-empty prompt")
 
     distributed.initialize(job.parallel, seed=args.seed)
     chunks = build_student(job)
@@ -198,4 +250,4 @@ def report(results: list[dict], seconds: float, output: str | None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

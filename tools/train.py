@@ -3,9 +3,7 @@
 `--help` lists every config field. See megatron_opdlm/training/cli.py for exit codes.
 """
 
-import sys
-
-from megatron_opdlm.training.cli import main
+from megatron_opdlm.cli_errors import run_cli
 
 if __name__ == "__main__":  # dist_checkpointing's save spawns a manager that re-imports __main__
-    sys.exit(main())
+    run_cli("megatron_opdlm.training.cli:main")

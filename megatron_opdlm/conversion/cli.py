@@ -6,16 +6,15 @@ ValueError: unsupported architecture, missing/extra tensors, shapes, layout, out
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import torch
 
+from megatron_opdlm.cli_errors import ArgumentParser, report_usage_error
+
 
 def _fail(exc: ValueError) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
+    return report_usage_error(exc)
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -33,7 +32,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def hf_to_megatron_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Convert a Hugging Face model directory (Llama 3.x, Qwen2/2.5, Qwen3, Mistral) "
         "into a Megatron distributed checkpoint loadable at any TP/PP/VPP."
     )
@@ -92,7 +91,7 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
 
 
 def megatron_to_hf_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Export a Megatron checkpoint (from the converter or training, any TP/PP) "
         "to Hugging Face safetensors; a student's config records its diffusion settings."
     )

@@ -43,7 +43,13 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    return json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); give the model's config.json") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object; give the model's config.json")
+    return hf
 
 
 def check_hf_tensors(reader: SafetensorsReader, mappings: list[Mapping], dims: Dims) -> None:

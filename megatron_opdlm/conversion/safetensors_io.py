@@ -49,6 +49,35 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(header length, tensor entries) of one safetensors file; ValueError naming the file when it
+    is not one (too short, an impossible header length, a header that is not JSON)."""
+    size = path.stat().st_size
+    fix = "download or convert the file again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, no header); {fix}")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise ValueError(
+                f"{path}: not a safetensors file or truncated (its header claims {header_len} "
+                f"bytes, the file has {size}); {fix}"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    entries = {k: v for k, v in header.items() if k != "__metadata__"} if header else header
+    well_formed = isinstance(entries, dict) and all(
+        isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys()
+        for v in entries.values()
+    )
+    if not well_formed:
+        raise ValueError(f"{path}: not a safetensors file (its header is not valid); {fix}")
+    return header_len, entries
+
+
 class SafetensorsReader:
     """All tensors of an HF directory (`*.safetensors`, with or without an index file)."""
 
@@ -68,14 +97,17 @@ class SafetensorsReader:
         self.entries: dict[str, TensorEntry] = {}
         self._fds: dict[Path, int] = {}
         for path in files:
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
+            header_len, header = _read_header(path)
+            data_bytes = path.stat().st_size - 8 - header_len
             for name, info in header.items():
                 if info["dtype"] not in ST_DTYPES:
                     raise ValueError(f"{path.name}: tensor {name} has unsupported {info['dtype']}")
-                start, _ = info["data_offsets"]
+                start, end = info["data_offsets"]
+                if end > data_bytes:
+                    raise ValueError(
+                        f"{path}: truncated: tensor {name} ends at byte {end} of the data "
+                        f"section, which holds only {data_bytes} bytes; download the file again"
+                    )
                 self.entries[name] = TensorEntry(
                     path, ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + header_len + start
                 )

@@ -85,7 +85,8 @@ def _check_ids(value: Any, name: str, vocab_size: int, where: str) -> list[int]:
     return value
 
 
-def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
+def check_messages(value: Any, where: str) -> list[dict[str, str]]:
+    """Chat turns of a record ({role, content} dicts); ValueError naming `where` otherwise."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     for turn in value:
@@ -128,7 +129,7 @@ def _parse_record(
                 raise ValueError(f"{where}: 'prompt' must be a non-empty string")
             prompt = raw["prompt"]
         else:
-            prompt = _check_messages(raw["messages"], where)
+            prompt = check_messages(raw["messages"], where)
         if tokenizer is None:
             raise ValueError(
                 f"{where}: '{given[0]}' is text but no tokenizer is configured; set "

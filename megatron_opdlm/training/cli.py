@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_opdlm.cli_errors import ArgumentParser, UsageError, report_usage_error
 from megatron_opdlm.config import config_help, load_config
 from megatron_opdlm.runtime import distributed
 from megatron_opdlm.runtime.logging import get_logger
@@ -21,7 +22,7 @@ log = get_logger("training")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train",
         description="OPDLM: turn an AR model into a block-diffusion LM by on-policy distillation",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -33,6 +34,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_launch(job) -> None:
+    """The layout against the processes launched, before any process group is created."""
+    world = distributed.read_launch_env().world_size
+    model_parallel = job.parallel.tp * job.parallel.pp
+    if world % model_parallel:
+        raise UsageError(
+            f"parallel.tp={job.parallel.tp} x parallel.pp={job.parallel.pp}",
+            f"needs a multiple of {model_parallel} processes, this launch has {world}",
+            f"start {model_parallel} (or a multiple) with `torchrun --nproc-per-node "
+            f"{model_parallel}`, or lower parallel.tp / parallel.pp",
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -40,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"checkpoint.load={args.load}")
     try:
         job = load_config(args.config, overrides)
+        check_launch(job)
     except ValueError as exc:
-        log.error("bad config: %s", exc)
-        return 2
+        return report_usage_error(exc)
     distributed.initialize(job.parallel, seed=job.train.seed)
     from megatron_opdlm.training.resilience import NonFiniteError
     from megatron_opdlm.training.trainer import Trainer
