@@ -56,6 +56,13 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
         help="pad the vocabulary to a multiple of this (default lcm(128, tp))",
     )
     parser.add_argument(
+        "--mask-token-id",
+        type=int,
+        default=None,
+        help="an unused vocabulary row (e.g. one of Qwen3's padded rows) as the student's mask "
+        "token (default: add a row after the vocabulary)",
+    )
+    parser.add_argument(
         "--max-chunk-mb",
         type=float,
         default=128,
@@ -74,7 +81,7 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
         result = convert_hf_to_megatron(
             args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
             max_chunk_mb=args.max_chunk_mb, vocab_pad_multiple=args.vocab_pad_multiple,
-            progress=not args.no_progress,
+            progress=not args.no_progress, mask_token_id=args.mask_token_id,
         )  # fmt: skip
     except ValueError as exc:
         return _fail(exc)

@@ -80,8 +80,28 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def model_config_from_hf(hf: dict, tp: int = 1) -> ModelConfig:
-    """ModelConfig of an HF config.json dict; the padded vocabulary divides by 128 and `tp`."""
+def eos_token_ids_from_hf(hf: dict, generation_config: dict | None = None) -> list[int]:
+    """End-of-sequence ids: generation_config.json's list first (Llama-3-Instruct ends a turn with
+    <|eot_id|>, listed only there), then config.json's; ValueError when neither names one."""
+    ids = _token_ids((generation_config or {}).get("eos_token_id"))
+    ids += [i for i in _token_ids(hf.get("eos_token_id")) if i not in ids]
+    if not ids:
+        raise ValueError(
+            "config.json: no eos_token_id (nor in generation_config.json); a response could "
+            "never end; add eos_token_id to config.json"
+        )
+    return ids
+
+
+def model_config_from_hf(
+    hf: dict,
+    tp: int = 1,
+    generation_config: dict | None = None,
+    mask_token_id: int | None = None,
+) -> ModelConfig:
+    """ModelConfig of an HF config.json dict (and generation_config.json, for EOS ids); the padded
+    vocabulary divides by 128 and `tp`. `mask_token_id`: an unused row (e.g. one of Qwen3's
+    padded rows) as the student's mask token instead of an added row."""
     family = detect_family(hf)
     _, _, qkv_bias, qk_norm = FAMILIES[family]
     if hf.get("hidden_act", "silu") != "silu":
@@ -100,7 +120,7 @@ def model_config_from_hf(hf: dict, tp: int = 1) -> ModelConfig:
         head_dim = None  # the default; keep the config minimal
     opdlm = hf.get(OPDLM_KEY) or {}
     vocab_size = int(opdlm.get("vocab_size", hf["vocab_size"]))
-    eos = _token_ids(hf.get("eos_token_id")) or [vocab_size - 1]
+    eos = eos_token_ids_from_hf(hf, generation_config)
     pad = hf.get("pad_token_id")
     max_pos = int(hf.get("max_position_embeddings", 2048))
     window = hf.get("sliding_window")
@@ -123,7 +143,9 @@ def model_config_from_hf(hf: dict, tp: int = 1) -> ModelConfig:
         head_dim=None if head_dim is None else int(head_dim),
         vocab_size=vocab_size,
         vocab_pad_multiple=VOCAB_ALIGN * tp // math.gcd(VOCAB_ALIGN, tp),
-        mask_token_id=opdlm.get("mask_token_id_config"),
+        mask_token_id=mask_token_id
+        if mask_token_id is not None
+        else opdlm.get("mask_token_id_config"),
         eos_token_ids=eos,
         pad_token_id=int(pad) if pad is not None and 0 <= int(pad) < vocab_size else eos[0],
         max_position_embeddings=max_pos,

@@ -39,16 +39,16 @@ log = get_logger(__name__)
 DTYPES = TORCH_DTYPES
 
 
-def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
+def read_hf_config(hf_dir: str | Path, name: str = "config.json") -> dict:
+    path = Path(hf_dir) / name
     if not path.is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); give the model's config.json") from None
+        raise ValueError(f"{path}: not valid JSON ({exc}); give the model's {name}") from None
     if not isinstance(hf, dict):
-        raise ValueError(f"{path}: expected a JSON object; give the model's config.json")
+        raise ValueError(f"{path}: expected a JSON object; give the model's {name}")
     return hf
 
 
@@ -208,10 +208,23 @@ def plan_conversion(
     pp: int = 1,
     vpp: int | None = None,
     vocab_pad_multiple: int | None = None,
+    mask_token_id: int | None = None,
 ) -> tuple[ModelConfig, object]:
     """Configs of the conversion; raises ValueError for an unsupported model or layout."""
     hf = read_hf_config(hf_dir)
-    model_cfg = model_config_from_hf(hf, tp=tp)
+    generation = Path(hf_dir) / "generation_config.json"
+    generation_config = read_hf_config(hf_dir, generation.name) if generation.is_file() else None
+    model_cfg = model_config_from_hf(hf, tp, generation_config, mask_token_id)
+    if mask_token_id is not None and (Path(hf_dir) / "tokenizer.json").is_file():
+        from megatron_opdlm.data.tokenizer import Tokenizer
+
+        real = Tokenizer(hf_dir).vocab_size
+        if mask_token_id < real:
+            raise ValueError(
+                f"--mask-token-id {mask_token_id} is a real token of the tokenizer (it has "
+                f"{real}); name an unused row in [{real}, {model_cfg.padded_vocab_size}) or "
+                "leave it out to add a row"
+            )
     if vocab_pad_multiple is not None:
         model_cfg.vocab_pad_multiple = vocab_pad_multiple
         model_cfg.validate()
@@ -231,6 +244,7 @@ def convert_hf_to_megatron(
     max_chunk_mb: float = 128,
     vocab_pad_multiple: int | None = None,
     progress: bool = False,
+    mask_token_id: int | None = None,
 ) -> dict:
     """Convert; returns {"out": path, "bytes": written, "seconds": wall}. One process."""
     start = time.perf_counter()
@@ -239,7 +253,9 @@ def convert_hf_to_megatron(
         raise ValueError(f"output directory {out_dir} exists; remove it or choose another --out")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    model_cfg, diffusion_cfg = plan_conversion(hf_dir, tp, pp, vpp, vocab_pad_multiple)
+    model_cfg, diffusion_cfg = plan_conversion(
+        hf_dir, tp, pp, vpp, vocab_pad_multiple, mask_token_id
+    )
     dims = Dims(model_cfg, export_vocab_rows(model_cfg, diffusion_cfg))
     mappings = mappings_for(model_cfg)
     with SafetensorsReader(hf_dir) as reader:

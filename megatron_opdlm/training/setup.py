@@ -6,6 +6,7 @@ prompt files -> teacher and student models -> DDP and optimizer. Only the last t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_opdlm.config import JobConfig
+from megatron_opdlm.config import JobConfig, ModelConfig
 from megatron_opdlm.conversion import checkpoint_io
 from megatron_opdlm.data.prompts import PromptDataset, load_prompts
 from megatron_opdlm.models.builder import build_student, build_teacher, copy_weights
@@ -31,6 +32,7 @@ TEACHER_MODES = ("opdlm", "opdlm_off", "offpolicy")
 def check_job(job: JobConfig, world_size: int) -> None:
     """Conflicts between sections that only the trainer knows about (ValueError)."""
     job.validate(world_size)
+    check_student_init(job)
     train, dp = job.train, world_size // (job.parallel.tp * job.parallel.pp)
     if train.prompts_per_rollout % train.global_batch_size:
         raise ValueError(
@@ -66,14 +68,85 @@ def resolve_resume(job: JobConfig) -> Path | None:
     return None
 
 
+# ModelConfig fields a job may set differently from its teacher checkpoint: they change neither
+# the weights' shapes nor their meaning. Every other field is the architecture of the checkpoint.
+RUN_TIME_MODEL_FIELDS = ("mask_token_id", "eos_token_ids", "pad_token_id",
+                         "max_position_embeddings", "init_method_std")  # fmt: skip
+
+
+def explicit_model_fields(model: ModelConfig) -> dict:
+    """Fields of job.model that differ from ModelConfig's defaults, i.e. were set by the YAML or
+    an override (a value set equal to its default cannot be told apart and counts as unset)."""
+    default = ModelConfig()
+    return {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(model, f.name) != getattr(default, f.name)
+    }
+
+
 def adopt_teacher_model_config(job: JobConfig) -> None:
-    """A converted teacher defines the architecture: take its ModelConfig."""
+    """A converted teacher defines the architecture: take its ModelConfig, merged with the fields
+    the job sets explicitly. Run-time fields (RUN_TIME_MODEL_FIELDS) override the teacher's;
+    architecture fields that contradict the checkpoint are refused (ValueError naming both)."""
     if job.checkpoint.teacher is None:
         return
-    model_cfg, _ = checkpoint_io.read_model_meta(job.checkpoint.teacher)
-    if model_cfg != job.model:
-        log.info("model config taken from the teacher checkpoint %s", job.checkpoint.teacher)
-    job.model = model_cfg
+    teacher_cfg, _ = checkpoint_io.read_model_meta(job.checkpoint.teacher)
+    explicit = explicit_model_fields(job.model)
+    conflicts = [
+        f"model.{name}={value!r} (the teacher has {getattr(teacher_cfg, name)!r})"
+        for name, value in explicit.items()
+        if name not in RUN_TIME_MODEL_FIELDS and value != getattr(teacher_cfg, name)
+    ]
+    if conflicts:
+        raise ValueError(
+            f"checkpoint.teacher={job.checkpoint.teacher} defines the architecture, and these "
+            f"overrides contradict it: {', '.join(conflicts)}; remove them (only "
+            f"{', '.join(RUN_TIME_MODEL_FIELDS)} may differ)"
+        )
+    overrides = {k: v for k, v in explicit.items() if k in RUN_TIME_MODEL_FIELDS}
+    merged = dataclasses.replace(teacher_cfg, **overrides)
+    if merged.padded_vocab_size != teacher_cfg.padded_vocab_size:
+        raise ValueError(
+            f"model.mask_token_id={merged.mask_token_id} changes the padded vocabulary from the "
+            f"teacher's {teacher_cfg.padded_vocab_size} rows to {merged.padded_vocab_size}; "
+            "convert the teacher with tools/convert_hf_to_megatron.py --mask-token-id "
+            f"{merged.mask_token_id} instead"
+        )
+    merged.validate()
+    changed = {k: v for k, v in overrides.items() if v != getattr(teacher_cfg, k)}
+    log.info("model config taken from the teacher checkpoint %s%s", job.checkpoint.teacher,
+             f", with overrides {changed}" if changed else "")  # fmt: skip
+    job.model = merged
+
+
+def check_student_init(job: JobConfig) -> None:
+    """checkpoint.student_init must be a model of this job: the same architecture and, for a
+    trained student, the same block size and token shift (its weights were trained for them)."""
+    if job.checkpoint.student_init is None:
+        return
+    init_cfg, init_diffusion = checkpoint_io.read_model_meta(job.checkpoint.student_init)
+    where = f"checkpoint.student_init={job.checkpoint.student_init}"
+    differs = [
+        f"model.{f.name} {getattr(init_cfg, f.name)!r} vs {getattr(job.model, f.name)!r}"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in RUN_TIME_MODEL_FIELDS[1:]  # the mask token id is part of the weights
+        and getattr(init_cfg, f.name) != getattr(job.model, f.name)
+    ]
+    if differs:
+        raise ValueError(
+            f"{where} is a different model from the job's ({'; '.join(differs)}); start from a "
+            "checkpoint of the same architecture"
+        )
+    if init_diffusion is None:
+        return
+    for name in ("block_size", "token_shift"):
+        trained, wanted = getattr(init_diffusion, name), getattr(job.diffusion, name)
+        if trained != wanted:
+            raise ValueError(
+                f"{where} was trained with diffusion.{name}={trained!r}, the job sets "
+                f"diffusion.{name}={wanted!r}; set diffusion.{name}={trained!r} to continue it"
+            )
 
 
 def load_tokenizer(job: JobConfig):
@@ -89,7 +162,19 @@ def load_tokenizer(job: JobConfig):
     return None
 
 
+def check_mask_token(job: JobConfig, tokenizer) -> None:
+    """A named mask token must be an unused row: a real token would be both mask and text."""
+    mask = job.model.mask_token_id
+    if mask is not None and tokenizer is not None and mask < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.mask_token_id={mask} is a real token of the tokenizer (it has "
+            f"{tokenizer.vocab_size}); name an unused row in [{tokenizer.vocab_size}, "
+            f"{job.model.padded_vocab_size}) or leave it unset to add a row"
+        )
+
+
 def load_datasets(job: JobConfig, tokenizer) -> tuple[PromptDataset, PromptDataset | None]:
+    check_mask_token(job, tokenizer)
     kwargs = dict(
         vocab_size=job.model.vocab_size,
         eos_token_ids=job.model.eos_token_ids,
@@ -148,11 +233,15 @@ def build_models(job: JobConfig, resuming: bool) -> Models:
             _broadcast_over_data_parallel(teacher)
     student = build_student(job)
     if not resuming:
+        trained_student = False
         if job.checkpoint.student_init is not None:
             checkpoint_io.load_model_checkpoint(student, job.checkpoint.student_init)
+            _, init_diffusion = checkpoint_io.read_model_meta(job.checkpoint.student_init)
+            trained_student = init_diffusion is not None
         else:
             copy_weights(teacher, student)
-        init_mask_token_row(student, job.model)
+        if not trained_student:  # a trained student keeps its learned mask-token row
+            init_mask_token_row(student, job.model)
     ddp = wrap_ddp(student, job)
     optimizer = build_optimizer(job, ddp)
     if not needs_teacher:
