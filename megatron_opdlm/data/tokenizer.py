@@ -1,8 +1,11 @@
 """Tokenizers without transformers: HF `tokenizers` (tokenizer.json) or SentencePiece (*.model).
 
-Chat templates are the Jinja templates of `tokenizer_config.json`, rendered with jinja2 in a
-sandbox the way transformers does (trim_blocks, lstrip_blocks), so a training run and inference
-see byte-identical prompts.
+Chat templates (`tokenizer_config.json` or `chat_template.jinja`) are applied by transformers'
+`apply_chat_template` when transformers is installed, so templates get what they expect from it
+(`strftime_now`, HF's `tojson`, kwargs such as Qwen3's `enable_thinking`) and a training run and
+inference see byte-identical prompts. Only where transformers is absent are they rendered with a
+plain jinja2 sandbox (trim_blocks, lstrip_blocks, `raise_exception`): enough for simple
+templates, not for those that call `strftime_now` or rely on HF's `tojson`.
 """
 
 from __future__ import annotations
@@ -101,13 +104,46 @@ class Tokenizer:
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._sp.decode(ids)
 
+    def _transformers_tokenizer(self):
+        """transformers' tokenizer of this directory (None without transformers), loaded once."""
+        if not hasattr(self, "_hf_full"):
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                self._hf_full = None
+                return None
+            try:
+                self._hf_full = AutoTokenizer.from_pretrained(
+                    str(self.directory), local_files_only=True
+                )
+            except Exception as exc:  # noqa: BLE001  (any loading failure is the directory's)
+                raise ValueError(
+                    f"{self.directory}: transformers cannot load this tokenizer to apply its "
+                    f"chat template ({type(exc).__name__}: {exc}); fix the tokenizer files"
+                ) from None
+        return self._hf_full
+
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> str:
+        """The prompt text of `messages`; `template_kwargs` go to the template (e.g. Qwen3's
+        enable_thinking=False)."""
         if not self.chat_template:
             raise ValueError(
                 f"{self.directory / 'tokenizer_config.json'} has no chat_template; "
                 "set data.chat_template=false to feed prompts as plain text"
+            )
+        full = self._transformers_tokenizer()
+        if full is not None:
+            return full.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                **template_kwargs,
             )
         return _render_chat_template(
             self.chat_template,
@@ -115,16 +151,23 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **template_kwargs,
         )
 
-    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+    def encode_prompt(
+        self,
+        prompt: str | list[dict[str, str]],
+        chat: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         """A prompt (text or chat messages) as token ids, with the chat template if asked."""
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
         else:
             messages = prompt
         if chat:
-            return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+            text = self.apply_chat_template(messages, **(template_kwargs or {}))
+            return self.encode(text, add_special_tokens=False)
         text = "\n".join(m["content"] for m in messages)
         return self.encode(text, add_special_tokens=True)
 
