@@ -85,7 +85,6 @@ def test_student_init_keeps_its_trained_mask_row(single_process, tmp_path):
     student_dir = tmp_path / "student"
     _save_trained_student(student_dir, job, DiffusionConfig(block_size=4), mask_value=0.25)
     job.checkpoint.student_init = str(student_dir)
-    setup.check_student_init(job)  # the same block size and shift: accepted
     models = setup.build_models(job, resuming=False)
     module = models.student[0]
     while hasattr(module, "module"):
@@ -101,8 +100,11 @@ def test_student_init_must_match_the_jobs_diffusion_settings(tmp_path):
     write_model_meta(directory, job.model, DiffusionConfig(block_size=8, token_shift=True))
     job = tiny_config(f"checkpoint.student_init={directory}", "diffusion.block_size=4")
     with pytest.raises(ValueError, match="trained with diffusion.block_size=8"):
-        setup.check_student_init(job)
-    job = tiny_config(f"checkpoint.student_init={directory}", "diffusion.block_size=8")
+        setup.check_job(job, world_size=1)  # what the trainer runs before building models
+    job = tiny_config(f"checkpoint.student_init={directory}", "diffusion.block_size=8",
+                      "diffusion.token_shift=true")  # fmt: skip
+    setup.check_student_init(job)  # the same settings: accepted
+    job.diffusion.token_shift = False
     with pytest.raises(ValueError, match="trained with diffusion.token_shift=True"):
         setup.check_student_init(job)
     other = tiny_config("model.num_layers=3")
