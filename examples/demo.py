@@ -93,6 +93,15 @@ def rollout_steps_done(train_dir: Path) -> int:
     return len(steps)
 
 
+def budget_line(budget: dict) -> str:
+    """The results table's line on the training budget; says when the wall-clock cap hit."""
+    line = f"OPDLM training: {budget['done']} of {budget['requested']} rollout steps"
+    if budget["cap_hit"]:
+        line += (f" (stopped by the {budget['max_minutes']:g}-min wall-clock cap: this machine "
+                 "was slower than the budget assumes)")  # fmt: skip
+    return line
+
+
 def training_tokens(train_dir: Path) -> int:
     """Response tokens the student was trained on (summed once per rollout step)."""
     per_rollout: dict[int, int] = {}
@@ -150,11 +159,7 @@ def summarize(before_path: Path, after_path: Path, run: Path, budget: dict | Non
         )
     lines.append(f"\nOPDLM training tokens: {after.get('training_tokens')}")
     if budget is not None:
-        steps = f"{budget['done']} of {budget['requested']} rollout steps"
-        if budget["cap_hit"]:
-            steps += (f" (stopped by the {budget['max_minutes']:g}-min wall-clock cap: this "
-                      "machine was slower than the budget assumes)")  # fmt: skip
-        lines.append(f"OPDLM training: {steps}")
+        lines.append(budget_line(budget))
     table = "\n".join(lines)
     (run / "results.md").write_text(table + "\n")
     (run / "results.json").write_text(

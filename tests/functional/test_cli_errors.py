@@ -202,12 +202,13 @@ def test_train_bad_input(work):
 
 def test_evaluate_bad_input(work):
     ckpt = str(work / "ckpt")
-    run_tool("evaluate.py", ["--teacher", str(work / "missing")], "is not a directory", work)
+    run_tool("evaluate.py", ["--teacher", ckpt, "--qa-items", "many"], "--qa-items", work)
     cases = [
+        (["--teacher", str(work / "missing")], "is not a directory"),
         (["--teacher", ckpt, "--model", "a"], "expected NAME=VALUE"),
         (["--model", f"a={ckpt}"], "--model needs --teacher"),
         (["--teacher", ckpt, "--max-new-tokens", "10"], "not a multiple of --block-size=4"),
-        (["--teacher", ckpt, "--qa-items", "many"], "--qa-items"),
+        (["--teacher", ckpt, "--heldout", str(work / "bad_line.jsonl")], "bad_line.jsonl:2"),
         ([], "nothing to do"),
     ]
     run_cases("tools/evaluate.py:main", cases, ROOT)
