@@ -152,6 +152,8 @@ class _ForwardMasks:
 
 
 FORWARD_MASKS = _ForwardMasks()
+# CPU training's dense masks are O(S^2): keep only the current forward's (teacher and student)
+DENSE_MASKS = _ForwardMasks(capacity=2)
 
 
 def _columns_from(attention_mask, attn_mask_type, batch: int, num_queries: int, num_keys: int,
@@ -202,7 +204,7 @@ def attention(
     columns = _columns_from(attention_mask, attn_mask_type, b, sq, sk, query.device)
     if cpu_grad:  # no CPU flex backward in torch 2.13: the same predicate, dense, through SDPA
         if columns is not None:
-            keep = FORWARD_MASKS.get(
+            keep = DENSE_MASKS.get(
                 columns, sq, "dense", lambda: mf.dense_allowed(columns, sq)[:, None]
             )  # [b, 1, sq, sk]
         else:
