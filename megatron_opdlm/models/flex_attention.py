@@ -15,8 +15,8 @@ accepted, for callers that were not converted. No [S, S] tensor is made on the G
 
 Paths:
 - CUDA: `torch.compile(flex_attention)`, forward and backward.
-- CPU without grad (rollout, teacher, evaluation): flex forward, eager by default (compiled with
-  `compile=True`, after `prepare_cpu_compile`).
+- CPU without grad (rollout, teacher, evaluation): flex forward, eager by default (tests; eager
+  materialises the scores), compiled with `compile=True` (O(S) memory; first compile ~15-40 s).
 - CPU with grad (training): torch has no CPU flex backward, so scaled_dot_product_attention on the
   dense mask evaluated from the same predicate.
 
@@ -86,6 +86,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=None)
 
 
+@functools.cache
 def prepare_cpu_compile() -> None:
     """Two torch 2.13 CPU-inductor workarounds needed before compiling flex_attention on a CPU
     (shared/notes/flex-core-probe.md, pitfalls 1 and 2). Idempotent; no effect on CUDA paths.
@@ -224,6 +225,8 @@ def attention(
         q_pad, k_pad = block_masks.padded_lengths(sq, sk)
     if compile is None:
         compile = query.device.type == "cuda"
+    if compile and query.device.type == "cpu":
+        prepare_cpu_compile()
     kernel = _compiled_flex() if compile else flex_attention
     if q_pad != sq:
         query = F.pad(query, (0, 0, 0, q_pad - sq))  # padded queries: outputs dropped below

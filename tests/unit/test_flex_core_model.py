@@ -53,16 +53,16 @@ def test_spec_substitutes_the_core(models):
 
 def test_greedy_tokens_equal_local_core(models):
     local_cfg, local, _, flex = models
-    for cache in (True, False):
-        for shift in (False, True):
-            rollout = dataclasses.replace(local_cfg.rollout, use_kv_cache=cache)
-            diffusion = dataclasses.replace(local_cfg.diffusion, token_shift=shift)
-            runs = [
-                generate(chunks, PROMPTS, local_cfg.model, diffusion, rollout, 12)
-                for chunks in (local, flex)
-            ]
-            assert torch.equal(runs[0].response_tokens, runs[1].response_tokens), (cache, shift)
-            assert torch.equal(runs[0].step_map, runs[1].step_map)
+    # cached rounds (with and without token shift: fused commit, carry) and full forwards
+    for cache, shift in ((True, False), (True, True), (False, False)):
+        rollout = dataclasses.replace(local_cfg.rollout, use_kv_cache=cache)
+        diffusion = dataclasses.replace(local_cfg.diffusion, token_shift=shift)
+        runs = [
+            generate(chunks, PROMPTS, local_cfg.model, diffusion, rollout, 12)
+            for chunks in (local, flex)
+        ]
+        assert torch.equal(runs[0].response_tokens, runs[1].response_tokens), (cache, shift)
+        assert torch.equal(runs[0].step_map, runs[1].step_map)
 
 
 def _packed(models, fmt):
