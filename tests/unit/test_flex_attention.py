@@ -189,3 +189,33 @@ def test_compiled_flex_forward_equals_dense_cpu():
     with torch.no_grad():
         got = fa.attention(q, key, value, columns, compile=True)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_block_mask_build_makes_no_s_by_s_tensor(monkeypatch):
+    """The flex path never evaluates the dense mask, and building its block mask creates no
+    tensor of S x S / 3 elements or more (the structure pass holds 8 query tiles x K)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the flex path built a dense mask")
+
+    monkeypatch.setattr(mf, "dense_allowed", no_dense)
+    p, r = 256, 2048  # S = 4352 -> padded 5120; one structure chunk is 1024 x 5120 = 0.28 S^2
+    valid = torch.ones(2, p + 2 * r, dtype=torch.bool)
+    valid[1, :100] = False
+    columns, _ = mf.packed_row_columns(p, r, 4, valid)
+    s = columns.shape[-1]
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    with LargestTensor():
+        block_masks.build_block_mask(columns, s, cache=None)
+    assert 0 < LargestTensor.largest < s * s // 3
