@@ -27,11 +27,12 @@ def models():
     from megatron_opdlm.models.builder import build_student, copy_weights
     from megatron_opdlm.runtime import distributed
 
-    local_cfg = tiny_config("rollout.temperature=0", "rollout.remasking=static")
+    # QK-norm on (Qwen3-style), GQA (4 heads over 2 groups), RoPE at the packed rows' positions
+    common = ("rollout.temperature=0", "rollout.remasking=static", "model.qk_layernorm=true")
+    local_cfg = tiny_config(*common)
     flex_cfg = tiny_config(
-        "rollout.temperature=0", "rollout.remasking=static", "precision.attention_backend=flex",
-        "precision.recompute=selective",
-    )  # fmt: skip
+        *common, "precision.attention_backend=flex", "precision.recompute=selective"
+    )
     distributed.initialize(local_cfg.parallel, seed=1234)
     torch.manual_seed(0)
     local = build_student(local_cfg)
@@ -111,4 +112,7 @@ def test_training_step_grads_equal_dense_path_with_selective_recompute(models):
         grads.append({n: p.grad.clone() for n, p in chunks[0].named_parameters()})
         chunks[0].eval()
     for name, want in grads[0].items():
-        torch.testing.assert_close(grads[1][name], want, atol=ATOL, rtol=0, msg=name)
+        # gradients reach ~30 (the x30 output layer): ATOL relative to the tensor's scale
+        diff = float((grads[1][name] - want).abs().max())
+        scale = float(want.abs().max())
+        assert diff <= ATOL * max(1.0, scale), (name, diff, scale)
