@@ -157,17 +157,26 @@ FORWARD_MASKS = _ForwardMasks()
 DENSE_MASKS = _ForwardMasks(capacity=2)
 
 
+_IMPLICIT_COLUMNS: dict = {}  # descriptors standing for attention_mask=None (never mutated)
+
+
 def _columns_from(attention_mask, attn_mask_type, batch: int, num_queries: int, num_keys: int,
                   device) -> torch.Tensor | None:  # fmt: skip
     """A descriptor for None masks (causal, bottom-right aligned, or no mask); None = dense."""
     if attention_mask is not None:
         return attention_mask if mf.is_descriptor(attention_mask) else None
-    if attn_mask_type in (AttnMaskType.causal, AttnMaskType.causal_bottom_right):
-        block = torch.arange(num_keys, device=device)[None]  # block size 1: causal
-    else:
-        block = torch.zeros(1, num_keys, dtype=torch.long, device=device)  # one block: all
-    noisy = torch.zeros_like(block, dtype=torch.bool)
-    return mf.descriptor(block, noisy, None, batch=batch)
+    causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
+    key = (causal, batch, num_keys, str(device))
+    if key not in _IMPLICIT_COLUMNS:  # one tensor per shape: the layers share its block mask
+        if causal:
+            block = torch.arange(num_keys, device=device)[None]  # block size 1: causal
+        else:
+            block = torch.zeros(1, num_keys, dtype=torch.long, device=device)  # one block: all
+        noisy = torch.zeros_like(block, dtype=torch.bool)
+        if len(_IMPLICIT_COLUMNS) > 8:
+            _IMPLICIT_COLUMNS.clear()
+        _IMPLICIT_COLUMNS[key] = mf.descriptor(block, noisy, None, batch=batch)
+    return _IMPLICIT_COLUMNS[key]
 
 
 def _dense_block_mask(dense: torch.Tensor, num_keys: int):
