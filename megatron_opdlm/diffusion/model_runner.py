@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_opdlm.runtime import collectives
 
 
 def _project_rows(*, hidden_states, output_layer, output_weight, context, scale_logits, **_):
@@ -89,7 +90,7 @@ class ModelRunner:
     def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last pipeline stage's `tensor` on every stage (same shape and dtype everywhere)."""
         if self.pp_size > 1:
-            dist.broadcast(tensor, src=self.last_stage_rank, group=self.pp_group)
+            collectives.broadcast_tensor_(tensor, src=self.last_stage_rank, group=self.pp_group)
         return tensor
 
 

@@ -40,7 +40,7 @@ from megatron_opdlm.diffusion.remasking import RemaskingStrategy, get_remasking,
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
 from megatron_opdlm.diffusion.sampling import propose_tokens
 from megatron_opdlm.models.vocab import mask_invalid_logits
-from megatron_opdlm.runtime import cpu_compat
+from megatron_opdlm.runtime import collectives, cpu_compat
 
 # round_callback(block, round, logits [b, B, V], x [b, B], masked [b, B], select [b, B]):
 # called on the last pipeline stage after each round's decision (tests, analysis).
@@ -107,12 +107,10 @@ def _check_same_prompts(prompts: list[list[int]], device) -> None:
         return
     fingerprint = [len(prompts), sum(len(p) for p in prompts)]
     fingerprint.append(sum((i + 1) * (t % 65521) for p in prompts for i, t in enumerate(p)) % 2**31)
-    high = torch.tensor(fingerprint, dtype=torch.long, device=device)
-    low = -high
     group = parallel_state.get_model_parallel_group()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(low, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(high, -low):
+    high = collectives.all_reduce_values(fingerprint, op="max", group=group)
+    low = collectives.all_reduce_values(fingerprint, op="min", group=group)
+    if high != low:
         raise ValueError(
             "ranks of one model-parallel group (TP x PP) passed different prompts to generate(); "
             "shard prompts over data-parallel ranks only"

@@ -17,7 +17,6 @@ masking-ratio bucket (the masked fraction of the token's block: (0, .25], (.25, 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_opdlm.config import DistillConfig, ModelConfig
 from megatron_opdlm.diffusion.packing import PackedBatch
@@ -131,18 +130,41 @@ def _metrics(loss, per_token, student_logp, teacher, packed, group) -> dict[str,
     return metrics
 
 
-def summarize_metrics(metric_dicts: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
-    """Means over micro-batches (and over `group`, e.g. the DP group, when given)."""
+def metric_keys(with_teacher: bool) -> list[str]:
+    """The keys of every metric dict `distill_loss` returns, sorted (the same on every rank, so
+    ranks without a loss can take part in a reduction of them)."""
+    keys = ["loss", "divergence_sum", "loss_tokens", "masked_tokens", "response_tokens",
+            "student_entropy_sum"]  # fmt: skip
+    if with_teacher:
+        keys.append("teacher_entropy_sum")
+    for name in BUCKETS:
+        keys += [f"divergence_sum_ratio{name}", f"tokens_ratio{name}"]
+    return sorted(keys)
+
+
+def metric_totals(metric_dicts: list[dict[str, torch.Tensor]], keys: list[str]) -> list[float]:
+    """Sums over micro-batches of each key in `keys` (float64, one device-to-host copy)."""
+    if not metric_dicts:
+        return [0.0] * len(keys)
+    for metrics in metric_dicts:
+        if sorted(metrics) != keys:
+            raise ValueError(f"metric keys {sorted(metrics)} differ from the expected {keys}")
+    stacked = torch.stack(
+        [torch.stack([m[k].detach().double() for k in keys]) for m in metric_dicts]
+    )
+    return stacked.sum(0).cpu().tolist()  # [len(keys)]
+
+
+def summarize_metrics(metric_dicts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Means over micro-batches (a list of metric dicts, e.g. one per micro-batch)."""
     if not metric_dicts:
         return {}
     keys = sorted(metric_dicts[0])
-    totals = torch.stack([sum(m[k].double().cpu() for m in metric_dicts) for k in keys])
-    if group is not None and dist.get_world_size(group) > 1:
-        device = metric_dicts[0][keys[0]].device
-        totals = totals.to(device)
-        dist.all_reduce(totals, group=group)
-        totals = totals.cpu()
-    total = dict(zip(keys, totals.tolist()))
+    return summarize_totals(dict(zip(keys, metric_totals(metric_dicts, keys))))
+
+
+def summarize_totals(total: dict[str, float]) -> dict[str, float]:
+    """Means from summed metrics (over micro-batches and, once reduced, over ranks)."""
 
     def mean(num: str, den: str) -> float:
         return total[num] / total[den] if total[den] else float("nan")

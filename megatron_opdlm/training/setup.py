@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_opdlm.config import JobConfig
@@ -18,6 +17,7 @@ from megatron_opdlm.conversion import checkpoint_io
 from megatron_opdlm.data.prompts import PromptDataset, load_prompts
 from megatron_opdlm.models.builder import build_student, build_teacher, copy_weights
 from megatron_opdlm.models.vocab import init_mask_token_row
+from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.logging import get_logger
 from megatron_opdlm.training import checkpointing
 from megatron_opdlm.training.optimizer import build_optimizer, wrap_ddp
@@ -117,12 +117,12 @@ def _broadcast_over_data_parallel(chunks) -> None:
     if parallel_state.get_data_parallel_world_size() == 1:
         return
     group = parallel_state.get_data_parallel_group()
-    src = dist.get_global_rank(group, 0)
+    src = torch.distributed.get_global_rank(group, 0)
     with torch.no_grad():
         for chunk in chunks:
             for tensor in chunk.state_dict().values():
                 if isinstance(tensor, torch.Tensor):
-                    dist.broadcast(tensor, src=src, group=group)
+                    collectives.broadcast_tensor_(tensor, src=src, group=group)
 
 
 @dataclass
