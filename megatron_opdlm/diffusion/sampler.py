@@ -35,7 +35,12 @@ from megatron.core import parallel_state
 
 from megatron_opdlm.config import DiffusionConfig, ModelConfig, RolloutConfig
 from megatron_opdlm.diffusion.block_forward import CachedBlockForward, FullBlockForward
-from megatron_opdlm.diffusion.model_runner import ModelRunner, eval_mode, sequence_parallel_off
+from megatron_opdlm.diffusion.model_runner import (
+    ModelRunner,
+    eval_mode,
+    fp8_off,
+    sequence_parallel_off,
+)
 from megatron_opdlm.diffusion.remasking import RemaskingStrategy, get_remasking, round_schedule
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
 from megatron_opdlm.diffusion.sampling import propose_tokens
@@ -158,6 +163,7 @@ def generate(
     with (
         eval_mode(model_chunks),
         sequence_parallel_off(model_chunks),
+        fp8_off(model_chunks),
         cpu_compat.small_row_linears(model_chunks),
     ):
         return decoder.run(return_confidences)

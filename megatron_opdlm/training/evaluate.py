@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.data.prompts import PromptDataset
+from megatron_opdlm.diffusion.model_runner import fp8_off
 from megatron_opdlm.diffusion.sampler import generate
 from megatron_opdlm.runtime import collectives
 from megatron_opdlm.training import batches
@@ -59,10 +60,13 @@ def evaluate_kl(models, data: PromptDataset, job: JobConfig, dp_rank: int, dp_si
         counts[1] += sum(m.num_loss_sequences for m in micro)
     counts = collectives.all_reduce_values(counts, group=parallel_state.get_data_parallel_group())
     metric_dicts = []
-    for micro in packed_all:
-        targets = run_teacher(models.teacher, micro, scored, top_k=None)
-        metric_dicts += run_student(models.student, micro, targets, scored, int(counts[0]),
-                                    int(counts[1]), forward_only=True)  # fmt: skip
+    # DP ranks may hold different numbers of eval micro-batches: the student scores in its
+    # parameter dtype, so no FP8 amax reduction waits on the data-parallel group.
+    with fp8_off(models.student):
+        for micro in packed_all:
+            targets = run_teacher(models.teacher, micro, scored, top_k=None)
+            metric_dicts += run_student(models.student, micro, targets, scored, int(counts[0]),
+                                        int(counts[1]), forward_only=True)  # fmt: skip
     summary = reduce_loss_metrics(metric_dicts, with_teacher=True)
     return {"kl": summary.get("divergence", float("nan")),
             "loss_tokens": summary.get("loss_tokens", 0.0)}  # fmt: skip

@@ -45,11 +45,6 @@ def check_job(job: JobConfig, world_size: int) -> None:
         )
     if job.data.train_prompts is None:
         raise ValueError("data.train_prompts is not set: give a JSONL file of prompts")
-    if job.distill.mode in ROLLOUT_MODES and job.parallel.sequence_parallel:
-        raise ValueError(
-            f"distill.mode={job.distill.mode} rolls out with the student, and the sampler does not "
-            "support parallel.sequence_parallel=true; turn sequence parallelism off"
-        )
     if job.distill.mode == "mdlm_sft" and job.distill.divergence != "forward_kl":
         log.warning("distill.mode=mdlm_sft trains with cross-entropy; distill.divergence is unused")
     if job.precision.dtype == "fp16" and job.train.nan_policy == "skip":

@@ -27,7 +27,7 @@ from megatron_opdlm.runtime.logging import get_logger
 from megatron_opdlm.training import batches, checkpointing, setup
 from megatron_opdlm.training.evaluate import evaluate_kl
 from megatron_opdlm.training.metrics import StepLogger, memory_gib, reduce_loss_metrics
-from megatron_opdlm.training.optimizer import set_learning_rate
+from megatron_opdlm.training.optimizer import grad_norm_then_step, set_learning_rate
 from megatron_opdlm.training.resilience import StopRequest, check_finite, is_finite
 from megatron_opdlm.training.schedules import learning_rate, rollout_length_cap
 from megatron_opdlm.training.steps import (
@@ -134,12 +134,14 @@ class Trainer:
         if not check_finite("loss", losses_ok, step, policy):
             return {**record, "skipped": 1.0}
         if job.precision.dtype != "fp16":  # fp16: the loss scaler already skips inf/NaN steps
-            self.models.optimizer.prepare_grads()
-            record["grad_norm"] = float(self.models.optimizer.get_grad_norm())
-            if not check_finite("gradient norm", is_finite(record["grad_norm"]), step, policy):
+            success, record["grad_norm"] = grad_norm_then_step(
+                self.models.optimizer,
+                lambda norm: check_finite("gradient norm", is_finite(norm), step, policy),
+            )
+            if not success:
                 return {**record, "skipped": 1.0}
-        success, grad_norm, _ = self.models.optimizer.step()
-        if job.precision.dtype == "fp16":
+        else:
+            success, grad_norm, _ = self.models.optimizer.step()
             record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
             record["skipped"] = 0.0 if success else 1.0
         times["time_optimizer"] = time.perf_counter() - start

@@ -34,7 +34,7 @@ def test_row_projection_equals_the_full_output_layer(single_process, tmp_path, m
     x_t = batches.select_noisy_states(rollout, job, step=0, first_row=0)
     micro = batches.pack_rows(rollout, x_t, job, 0, 4)
     projected = _passes(job, teacher, student, micro)
-    monkeypatch.setattr(steps, "_projection", lambda job, rows: {})
+    monkeypatch.setattr(steps, "_projection", lambda rows: {})
     full = _passes(job, teacher, student, micro)
     for got, want in zip(projected[0], full[0]):
         # The same matmul on fewer rows: equal up to fp32 rounding of the GEMM blocking.
