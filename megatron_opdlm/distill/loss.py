@@ -8,6 +8,11 @@ Normalisation (cfg.normalization):
 - sequence_mean (the paper's): each sequence's mean D over its loss tokens, summed and divided by
   the number of sequences with a loss token in the step (`num_global_sequences`).
 
+The trainer's contract (the only one): the loss of a micro-batch is already divided by N (or
+the sequence count), Megatron's schedule runs with `calculate_per_token_loss=True` so it does not
+divide by the number of micro-batches, and DDP sums gradients over DP ranks
+(`training.optimizer`).
+
 Metrics are detached sums and counts (so they aggregate exactly over micro-batches and ranks);
 `summarize_metrics` turns a list of them into means: divergence, masked fraction, divergence by
 masking-ratio bucket (the masked fraction of the token's block: (0, .25], (.25, .5], (.5, .75],
@@ -181,36 +186,3 @@ def summarize_totals(total: dict[str, float]) -> dict[str, float]:
     for name in BUCKETS:
         out[f"divergence_ratio{name}"] = mean(f"divergence_sum_ratio{name}", f"tokens_ratio{name}")
     return out
-
-
-def schedule_loss_func(
-    targets: TeacherTargets | None,
-    packed: PackedBatch,
-    cfg: DistillConfig,
-    model_cfg: ModelConfig,
-    num_global_loss_tokens: int,
-    num_microbatches: int,
-    data_parallel_size: int,
-    num_global_sequences: int | None = None,
-    group="default",
-):
-    """`loss_func(output_tensor) -> (loss, metrics)` for Megatron's forward_backward schedules.
-
-    Use with TransformerConfig.calculate_per_token_loss=False (the default). The schedule then
-    divides the returned loss by num_microbatches (in place, on the tensor returned here) and
-    Megatron's DDP averages gradients over the data-parallel group (scale 1 / dp). The returned
-    loss is multiplied by num_microbatches * data_parallel_size to undo both, so the gradients
-    after the DP reduction are exactly those of the global normalised loss. metrics["loss"]
-    keeps the unscaled contribution: its sum over micro-batches and DP ranks is the step's loss.
-    Context parallelism is not supported (the schedule would also multiply by the CP size).
-    """
-    scale = num_microbatches * data_parallel_size
-
-    def loss_func(output_tensor: torch.Tensor):
-        loss, metrics = distill_loss(
-            output_tensor, targets, packed, cfg, num_global_loss_tokens,
-            model_cfg=model_cfg, num_global_sequences=num_global_sequences, group=group,
-        )  # fmt: skip
-        return loss * scale, metrics
-
-    return loss_func
