@@ -1,6 +1,6 @@
 """Run configuration: one dataclass per component, YAML files plus dotted overrides.
 
-    config = load_config("examples/configs/tiny.yaml", ["parallel.tp=2", "rollout.threshold=0.8"])
+    config = load_config("examples/configs/demo_smollm2.yaml", ["parallel.tp=2"])
 
 Section checks live in each `validate()`; `JobConfig.validate()` adds the checks that involve
 several sections (heads vs TP, layers vs PP, vocab padding vs TP, block size vs lengths).
@@ -290,7 +290,9 @@ class CurriculumConfig:
 class DataConfig:
     """Prompt data and tokenizer."""
 
-    train_prompts: str | None = doc(None, "JSONL of prompts (see data/README.md for the schema)")
+    train_prompts: str | None = doc(
+        None, "JSONL of prompts (schema: megatron_opdlm/data/bundled/README.md)"
+    )
     eval_prompts: str | None = doc(None, "held-out JSONL prompts for evaluation")
     eval_limit: int = doc(0, "held-out prompts used per evaluation (the first N); 0 = all")
     tokenizer: str | None = doc(None, "HF tokenizer directory or SentencePiece model file")

@@ -3,8 +3,8 @@
     batch = generate(student_chunks, prompts, model_cfg, diffusion_cfg, rollout_cfg,
                      max_new_tokens=256, generator=torch.Generator().manual_seed(0))
 
-Decoding (MISSION.md): prompts are left-padded to one width P; the response is decoded block by
-block. Each block starts as B mask tokens; each round scores the block given the committed
+Decoding (the README's sampler): prompts are left-padded to one width P; the response is decoded
+block by block. Each block starts as B mask tokens; each round scores the block given the committed
 context, proposes a token at every masked position (greedy or temperature / top-k / top-p) with
 its probability as confidence, and a remasking strategy (static / dynamic, a registry) picks
 which positions to unmask. A block has at most `steps_per_block` rounds. A sequence stops after

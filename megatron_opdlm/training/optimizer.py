@@ -132,7 +132,7 @@ def _inner_optimizers(optimizer) -> list:
 def _fix_distributed_optimizer_checkpointing(inner) -> None:
     """Make DistributedOptimizer checkpoints exact with plain torch Adam (no Apex/TE), 0.19.x.
 
-    Measured failures without this (shared/notes/megatron-core-on-cpu.md, any hardware):
+    Measured failures without this (any hardware; tests/unit/test_training.py resumes exactly):
     a) `sharded_state_dict(is_loading=True)` on a fresh optimizer calls `state_dict()`, which
        asserts a single torch-Adam 'step' -> prime the state with a no-op step first;
     b) `_set_main_param_and_optimizer_states` copies every state tensor, including torch-Adam's
