@@ -71,7 +71,10 @@ def _ragged_batch(job):
 
 
 def _teacher_targets(teacher, records, job):
-    rollout = batches.given_responses(records, job, 8, "cpu")
+    """(packed micro-batch, teacher targets) of `records` on the model's device."""
+    from megatron_opdlm.runtime.distributed import device
+
+    rollout = batches.given_responses(records, job, 8, device())
     x_t = batches.select_noisy_states(rollout, job, step=0, first_row=0)
     job.train.micro_batch_size = len(records)
     (micro,) = batches.pack_rows(rollout, x_t, job, 0, len(records))
