@@ -336,3 +336,31 @@ def test_metric_keys_are_those_of_distill_loss_and_reduce_like_summarize(single_
     for key in summary:
         assert reduced[key] == pytest.approx(summary[key], rel=1e-12, nan_ok=True), key
     assert reduce_loss_metrics([], with_teacher=True) == {}
+
+
+# ---- the process-group timeout is a config field ----
+
+
+def test_the_process_group_timeout_comes_from_the_config(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from megatron_opdlm.runtime import distributed
+
+    with pytest.raises(ValueError, match="timeout_minutes=0"):
+        ParallelConfig(timeout_minutes=0).validate()
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def init_process_group(**kwargs):
+        seen.update(kwargs)
+        raise Started  # stop before any real rendezvous
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Started):
+        distributed.initialize(ParallelConfig(timeout_minutes=90))
+    assert seen["timeout"] == datetime.timedelta(minutes=90)
