@@ -1,6 +1,7 @@
 # megatron-opdlm: one-command setup, demo and tests.
 #   make demo   set up .venv and run the main job (SmolLM2-135M -> block-diffusion LM on the CPU)
 #   make test   set up .venv and run the whole test suite (what CI runs)
+#   make test-gpu / test-gpu-te   the GPU suite's two tiers, in the current Python (README "GPU tests")
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ find_python = $(shell \
 	  { echo "$$c"; break; }; \
 	done)
 
-.PHONY: setup test test-fast demo lint format clean-venv
+.PHONY: setup test test-fast test-gpu test-gpu-te demo lint format clean-venv
 
 $(VENV)/.installed: setup.py pyproject.toml
 	@PYBIN="$(call find_python)"; \
@@ -43,6 +44,17 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# The GPU tiers run in the machine's own environment (its CUDA torch), not in .venv, which pins a
+# torch for the CPU suite. Deterministic cuBLAS (exact resume) needs CUBLAS_WORKSPACE_CONFIG.
+GPU_PY ?= python3
+GPU_ENV := PYTHONPATH=$(CURDIR) CUBLAS_WORKSPACE_CONFIG=:4096:8
+
+test-gpu:
+	$(GPU_ENV) $(GPU_PY) -m pytest tests/gpu/test_cuda_tier.py -s -rs $(PYTEST_ARGS)
+
+test-gpu-te:
+	$(GPU_ENV) $(GPU_PY) -m pytest tests/gpu/test_te_tier.py -s -rs $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) examples/demo.py $(DEMO_ARGS)

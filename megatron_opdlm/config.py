@@ -1,6 +1,6 @@
 """Run configuration: one dataclass per component, YAML files plus dotted overrides.
 
-    config = load_config("examples/configs/tiny.yaml", ["parallel.tp=2", "rollout.threshold=0.8"])
+    config = load_config("examples/configs/demo_smollm2.yaml", ["parallel.tp=2"])
 
 Section checks live in each `validate()`; `JobConfig.validate()` adds the checks that involve
 several sections (heads vs TP, layers vs PP, vocab padding vs TP, block size vs lengths).
@@ -137,6 +137,9 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = doc(
         "auto", "process-group backend; auto: nccl on GPU"
     )
+    timeout_minutes: float = doc(
+        30.0, "process-group timeout: a collective waiting longer fails the job (e.g. a save)"
+    )
 
     def validate(self) -> None:
         for name in ("tp", "pp"):
@@ -148,6 +151,8 @@ class ParallelConfig:
             )
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.timeout_minutes <= 0:
+            raise ValueError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
 
 
 @dataclass
@@ -157,7 +162,14 @@ class PrecisionConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "parameter / activation dtype")
     fp8: Literal["none", "e4m3", "hybrid"] = doc("none", "FP8 format (Transformer Engine only)")
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = doc(
-        "delayed", "Transformer Engine FP8 scaling recipe"
+        "delayed",
+        "FP8 scaling: delayed (amax history), tensorwise (current scaling, TE >= 2.2), "
+        "blockwise (TE >= 2.3, Hopper), mxfp8 (TE >= 2.1, Blackwell)",
+    )
+    fp8_teacher: bool = doc(
+        False,
+        "also run the teacher's forwards in FP8 (amax reduced over TP only); by default FP8 is "
+        "only in the student's training GEMMs and the teacher and rollouts run in dtype",
     )
     fp8_amax_history_len: int = doc(1024, "delayed scaling: amax history length")
     fp8_amax_compute_algo: Literal["max", "most_recent"] = doc("max", "delayed scaling: amax algo")
@@ -188,6 +200,8 @@ class PrecisionConfig:
                 f"precision.fp8={self.fp8} needs Transformer Engine layers; "
                 "set precision.transformer_impl=transformer_engine (or auto on a GPU with TE)"
             )
+        if self.fp8_teacher and self.fp8 == "none":
+            raise ValueError("precision.fp8_teacher=true needs precision.fp8 (e4m3 or hybrid)")
 
 
 @dataclass
@@ -291,7 +305,9 @@ class CurriculumConfig:
 class DataConfig:
     """Prompt data and tokenizer."""
 
-    train_prompts: str | None = doc(None, "JSONL of prompts (see data/README.md for the schema)")
+    train_prompts: str | None = doc(
+        None, "JSONL of prompts (schema: megatron_opdlm/data/bundled/README.md)"
+    )
     eval_prompts: str | None = doc(None, "held-out JSONL prompts for evaluation")
     eval_limit: int = doc(0, "held-out prompts used per evaluation (the first N); 0 = all")
     tokenizer: str | None = doc(None, "HF tokenizer directory or SentencePiece model file")

@@ -27,14 +27,18 @@ def megatron_logits(chunks, input_ids: torch.Tensor) -> torch.Tensor | None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from megatron_opdlm.models.masks import causal_mask
+
     b, s = input_ids.shape
     device = next(chunks[0].parameters()).device
     tokens = input_ids.to(device)
     positions = torch.arange(s, device=device).unsqueeze(0)  # [1, s]
+    # explicit: the teacher's mask type on Transformer Engine needs one (models.specs)
+    causal = causal_mask(torch.ones(1, s, dtype=torch.bool, device=device))  # [1, 1, s, s]
 
     def forward_step(data_iterator, model):
         row = next(data_iterator)
-        output = model(tokens[row : row + 1], positions, None)  # [1, s, V/tp] on the last stage
+        output = model(tokens[row : row + 1], positions, causal)  # [1, s, V/tp] on the last stage
 
         def collect(output_tensor, non_loss_data=True):
             return gather_from_tensor_model_parallel_region(output_tensor).float()  # [1, s, V]

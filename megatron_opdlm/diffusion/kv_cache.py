@@ -1,5 +1,5 @@
 """KV cache of the committed context (prompt and finished blocks) on megatron's
-StaticInferenceContext (measured in shared/notes/block-diffusion-kv-cache.md).
+StaticInferenceContext (cached == no-cache tokens: tests/unit/test_sampler.py).
 
 Each attention layer keeps K/V [max_seq, b, kv_groups/tp, head_dim] (its own layers on each
 pipeline stage, its own kv groups on each TP rank). A forward with the context writes slots
@@ -17,8 +17,9 @@ module is in training mode on Transformer Engine >= 2.2. The local attention hon
 pass either way; TE would ignore it (and so attend to left padding and, in a fused commit, from
 the finished block to the new one). `ExplicitMasks` marks the Attention modules whose core
 attention is not the local one as training for the call (dropout is 0 in our configs, and the
-flag changes nothing else there).
-Untested on Transformer Engine (no GPU was available when this was written).
+flag changes nothing else there). Megatron-core honours this only on TE >= 2.2: the student's
+build refuses an older TE for cached rollouts (`runtime.te_support.check_cached_rollout`); the
+GPU suite's TE tier runs a cached rollout on TE (tests/gpu/test_te_tier.py).
 """
 
 from __future__ import annotations

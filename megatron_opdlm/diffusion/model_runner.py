@@ -14,25 +14,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_attr_wrapped_model
 
-
-def _project_rows(*, hidden_states, output_layer, output_weight, context, scale_logits, **_):
-    """GPTModel output_processor: vocab projection of the selected query rows only.
-
-    hidden_states [s, b, h]; context: LongTensor of row indices (may be empty).
-    Returns [b, n, V] logits gathered over tensor-parallel ranks.
-    """
-    rows = context
-    if rows.numel() == 0:  # nothing to read (a prefill without token shift): skip the projection
-        return hidden_states.new_zeros((hidden_states.shape[1], 0, 1))
-    logits, _ = output_layer(
-        hidden_states.index_select(0, rows), weight=output_weight, runtime_gather_output=True
-    )  # [n, b, V]
-    return scale_logits(logits).transpose(0, 1).contiguous()  # [b, n, V]
+from megatron_opdlm.models.projection import project_rows_gathered
+from megatron_opdlm.runtime import collectives
 
 
 class ModelRunner:
@@ -79,7 +66,7 @@ class ModelRunner:
                 attention_mask,
                 inference_context=inference_context,
                 runtime_gather_output=True,
-                output_processor=_project_rows,
+                output_processor=project_rows_gathered,
                 output_processor_context=logit_rows,
             )
             if not last:
@@ -89,7 +76,7 @@ class ModelRunner:
     def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last pipeline stage's `tensor` on every stage (same shape and dtype everywhere)."""
         if self.pp_size > 1:
-            dist.broadcast(tensor, src=self.last_stage_rank, group=self.pp_group)
+            collectives.broadcast_tensor_(tensor, src=self.last_stage_rank, group=self.pp_group)
         return tensor
 
 
@@ -119,6 +106,32 @@ def sequence_parallel_off(model_chunks: list[torch.nn.Module]):
     finally:
         for owner, name in saved:
             setattr(owner, name, True)
+
+
+@contextlib.contextmanager
+def fp8_off(model_chunks: list[torch.nn.Module]):
+    """Run an FP8-trained model in its parameter dtype for the call (rollout, evaluation).
+
+    FP8 is for the student's training GEMMs: rollout GEMMs have b x B or b x P rows (not TE's FP8
+    row multiples), and DP ranks run data-dependent numbers of rollout forwards, so a delayed-
+    scaling amax reduction over DP would wait for ranks that never join. megatron-core enters
+    FP8 only when `config.fp8` is set: it is cleared on every config for the call, restored
+    after.
+    """
+    configs = {
+        id(config): config
+        for chunk in model_chunks
+        for module in chunk.modules()
+        if getattr(config := getattr(module, "config", None), "fp8", None)
+    }
+    saved = [(config, config.fp8) for config in configs.values()]
+    for config, _ in saved:
+        config.fp8 = None
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config.fp8 = value
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@
     batch = generate(student_chunks, prompts, model_cfg, diffusion_cfg, rollout_cfg,
                      max_new_tokens=256, generator=torch.Generator().manual_seed(0))
 
-Decoding (MISSION.md): prompts are left-padded to one width P; the response is decoded block by
-block. Each block starts as B mask tokens; each round scores the block given the committed
+Decoding (the README's sampler): prompts are left-padded to one width P; the response is decoded
+block by block. Each block starts as B mask tokens; each round scores the block given the committed
 context, proposes a token at every masked position (greedy or temperature / top-k / top-p) with
 its probability as confidence, and a remasking strategy (static / dynamic, a registry) picks
 which positions to unmask. A block has at most `steps_per_block` rounds. A sequence stops after
@@ -35,12 +35,17 @@ from megatron.core import parallel_state
 
 from megatron_opdlm.config import DiffusionConfig, ModelConfig, RolloutConfig
 from megatron_opdlm.diffusion.block_forward import CachedBlockForward, FullBlockForward
-from megatron_opdlm.diffusion.model_runner import ModelRunner, eval_mode, sequence_parallel_off
+from megatron_opdlm.diffusion.model_runner import (
+    ModelRunner,
+    eval_mode,
+    fp8_off,
+    sequence_parallel_off,
+)
 from megatron_opdlm.diffusion.remasking import RemaskingStrategy, get_remasking, round_schedule
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
 from megatron_opdlm.diffusion.sampling import propose_tokens
 from megatron_opdlm.models.vocab import mask_invalid_logits
-from megatron_opdlm.runtime import cpu_compat
+from megatron_opdlm.runtime import collectives, cpu_compat
 
 # round_callback(block, round, logits [b, B, V], x [b, B], masked [b, B], select [b, B]):
 # called on the last pipeline stage after each round's decision (tests, analysis).
@@ -107,12 +112,10 @@ def _check_same_prompts(prompts: list[list[int]], device) -> None:
         return
     fingerprint = [len(prompts), sum(len(p) for p in prompts)]
     fingerprint.append(sum((i + 1) * (t % 65521) for p in prompts for i, t in enumerate(p)) % 2**31)
-    high = torch.tensor(fingerprint, dtype=torch.long, device=device)
-    low = -high
     group = parallel_state.get_model_parallel_group()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(low, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(high, -low):
+    high = collectives.all_reduce_values(fingerprint, op="max", group=group)
+    low = collectives.all_reduce_values(fingerprint, op="min", group=group)
+    if high != low:
         raise ValueError(
             "ranks of one model-parallel group (TP x PP) passed different prompts to generate(); "
             "shard prompts over data-parallel ranks only"
@@ -160,6 +163,7 @@ def generate(
     with (
         eval_mode(model_chunks),
         sequence_parallel_off(model_chunks),
+        fp8_off(model_chunks),
         cpu_compat.small_row_linears(model_chunks),
     ):
         return decoder.run(return_confidences)

@@ -8,6 +8,11 @@ Normalisation (cfg.normalization):
 - sequence_mean (the paper's): each sequence's mean D over its loss tokens, summed and divided by
   the number of sequences with a loss token in the step (`num_global_sequences`).
 
+The trainer's contract (the only one): the loss of a micro-batch is already divided by N (or
+the sequence count), Megatron's schedule runs with `calculate_per_token_loss=True` so it does not
+divide by the number of micro-batches, and DDP sums gradients over DP ranks
+(`training.optimizer`).
+
 Metrics are detached sums and counts (so they aggregate exactly over micro-batches and ranks);
 `summarize_metrics` turns a list of them into means: divergence, masked fraction, divergence by
 masking-ratio bucket (the masked fraction of the token's block: (0, .25], (.25, .5], (.5, .75],
@@ -17,7 +22,6 @@ masking-ratio bucket (the masked fraction of the token's block: (0, .25], (.25, 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_opdlm.config import DistillConfig, ModelConfig
 from megatron_opdlm.diffusion.packing import PackedBatch
@@ -131,18 +135,41 @@ def _metrics(loss, per_token, student_logp, teacher, packed, group) -> dict[str,
     return metrics
 
 
-def summarize_metrics(metric_dicts: list[dict[str, torch.Tensor]], group=None) -> dict[str, float]:
-    """Means over micro-batches (and over `group`, e.g. the DP group, when given)."""
+def metric_keys(with_teacher: bool) -> list[str]:
+    """The keys of every metric dict `distill_loss` returns, sorted (the same on every rank, so
+    ranks without a loss can take part in a reduction of them)."""
+    keys = ["loss", "divergence_sum", "loss_tokens", "masked_tokens", "response_tokens",
+            "student_entropy_sum"]  # fmt: skip
+    if with_teacher:
+        keys.append("teacher_entropy_sum")
+    for name in BUCKETS:
+        keys += [f"divergence_sum_ratio{name}", f"tokens_ratio{name}"]
+    return sorted(keys)
+
+
+def metric_totals(metric_dicts: list[dict[str, torch.Tensor]], keys: list[str]) -> list[float]:
+    """Sums over micro-batches of each key in `keys` (float64, one device-to-host copy)."""
+    if not metric_dicts:
+        return [0.0] * len(keys)
+    for metrics in metric_dicts:
+        if sorted(metrics) != keys:
+            raise ValueError(f"metric keys {sorted(metrics)} differ from the expected {keys}")
+    stacked = torch.stack(
+        [torch.stack([m[k].detach().double() for k in keys]) for m in metric_dicts]
+    )
+    return stacked.sum(0).cpu().tolist()  # [len(keys)]
+
+
+def summarize_metrics(metric_dicts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Means over micro-batches (a list of metric dicts, e.g. one per micro-batch)."""
     if not metric_dicts:
         return {}
     keys = sorted(metric_dicts[0])
-    totals = torch.stack([sum(m[k].double().cpu() for m in metric_dicts) for k in keys])
-    if group is not None and dist.get_world_size(group) > 1:
-        device = metric_dicts[0][keys[0]].device
-        totals = totals.to(device)
-        dist.all_reduce(totals, group=group)
-        totals = totals.cpu()
-    total = dict(zip(keys, totals.tolist()))
+    return summarize_totals(dict(zip(keys, metric_totals(metric_dicts, keys))))
+
+
+def summarize_totals(total: dict[str, float]) -> dict[str, float]:
+    """Means from summed metrics (over micro-batches and, once reduced, over ranks)."""
 
     def mean(num: str, den: str) -> float:
         return total[num] / total[den] if total[den] else float("nan")
@@ -159,36 +186,3 @@ def summarize_metrics(metric_dicts: list[dict[str, torch.Tensor]], group=None) -
     for name in BUCKETS:
         out[f"divergence_ratio{name}"] = mean(f"divergence_sum_ratio{name}", f"tokens_ratio{name}")
     return out
-
-
-def schedule_loss_func(
-    targets: TeacherTargets | None,
-    packed: PackedBatch,
-    cfg: DistillConfig,
-    model_cfg: ModelConfig,
-    num_global_loss_tokens: int,
-    num_microbatches: int,
-    data_parallel_size: int,
-    num_global_sequences: int | None = None,
-    group="default",
-):
-    """`loss_func(output_tensor) -> (loss, metrics)` for Megatron's forward_backward schedules.
-
-    Use with TransformerConfig.calculate_per_token_loss=False (the default). The schedule then
-    divides the returned loss by num_microbatches (in place, on the tensor returned here) and
-    Megatron's DDP averages gradients over the data-parallel group (scale 1 / dp). The returned
-    loss is multiplied by num_microbatches * data_parallel_size to undo both, so the gradients
-    after the DP reduction are exactly those of the global normalised loss. metrics["loss"]
-    keeps the unscaled contribution: its sum over micro-batches and DP ranks is the step's loss.
-    Context parallelism is not supported (the schedule would also multiply by the CP size).
-    """
-    scale = num_microbatches * data_parallel_size
-
-    def loss_func(output_tensor: torch.Tensor):
-        loss, metrics = distill_loss(
-            output_tensor, targets, packed, cfg, num_global_loss_tokens,
-            model_cfg=model_cfg, num_global_sequences=num_global_sequences, group=group,
-        )  # fmt: skip
-        return loss * scale, metrics
-
-    return loss_func

@@ -1,7 +1,10 @@
 """Build the frozen AR teacher and the block-diffusion student from one config.
 
 Both are Megatron-Core GPTModels with the same architecture and padded vocabulary. The teacher is
-causal, in eval mode, without gradients. The student has block-causal attention (mask type
+causal (through its mask, see `models.specs.attention_mask_type`), in eval mode, without
+gradients, and in `precision.dtype` unless `precision.fp8_teacher` (FP8 is for the student's
+training GEMMs; the sampler switches it off for rollouts, `diffusion.model_runner.fp8_off`).
+The student has block-causal attention (mask type
 `arbitrary`, fed the masks of `models.masks`), an optional mask-token row initialised to the mean
 embedding, and is trained. With pipeline parallelism each rank builds its stage (and its virtual
 stages for interleaved schedules): the result is always a list of model chunks.
@@ -9,6 +12,7 @@ stages for interleaved schedules): the result is always a list of model chunks.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -20,23 +24,54 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_opdlm.config import JobConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_opdlm.models.flex_attention import resolve_attention_backend
 from megatron_opdlm.models.rope import install_positioned_rope
-from megatron_opdlm.models.specs import block_spec, resolve_transformer_impl
+from megatron_opdlm.models.specs import (
+    block_spec,
+    needs_explicit_mask,
+    resolve_transformer_impl,
+)
 from megatron_opdlm.models.vocab import init_mask_token_row
-from megatron_opdlm.runtime import cpu_compat
+from megatron_opdlm.runtime import cpu_compat, te_support
 
 # the one map from config dtype names to torch dtypes (training, conversion, tools)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def gradient_accumulation_fusion_available() -> bool:
+    """Megatron's fused wgrad accumulation: CUDA plus Apex's fused_weight_gradient_mlp_cuda
+    (the GPTModel output layer is Megatron's own ColumnParallelLinear under either spec)."""
+    return (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    )
+
+
+def fp8_for(role: str, precision: PrecisionConfig) -> bool:
+    """FP8 in `role`'s GEMMs: the student's when precision.fp8 is set, the teacher's only with
+    precision.fp8_teacher."""
+    if precision.fp8 == "none":
+        return False
+    return role == "student" or precision.fp8_teacher
+
+
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    role: str = "student",
 ) -> TransformerConfig:
-    """Megatron TransformerConfig for the architecture, layout and numerics."""
+    """Megatron TransformerConfig for the architecture, layout and numerics of `role`."""
     impl = resolve_transformer_impl(precision)
     on_gpu = torch.cuda.is_available()
     fp8 = {}
-    if precision.fp8 != "none":
+    if fp8_for(role, precision):
+        te_support.check_fp8(
+            precision.fp8_recipe, te_support.installed_te_version(), te_support.gpu_capability()
+        )
         fp8 = dict(
+            # The teacher's forwards run a data-dependent number of times per DP rank (held-out
+            # evaluation splits prompts unevenly): its delayed-scaling amax is reduced over TP
+            # only, never over ranks that may not take part.
+            tp_only_amax_red=role == "teacher",
             fp8=precision.fp8,
             fp8_recipe=precision.fp8_recipe,
             fp8_margin=precision.fp8_margin,
@@ -77,13 +112,13 @@ def transformer_config(
         pipeline_dtype=TORCH_DTYPES[precision.dtype],
         use_cpu_initialization=not on_gpu,
         # Fusions need CUDA kernels (Apex / TE); the local spec on a CPU runs unfused.
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion_available(),
         masked_softmax_fusion=on_gpu and impl == "transformer_engine",
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=on_gpu and impl == "transformer_engine",
         persist_layer_norm=on_gpu,
-        deallocate_pipeline_outputs=False,
+        deallocate_pipeline_outputs=on_gpu,
         **fp8,
         **recompute,
         **cpu_compat.transformer_config_overrides(),
@@ -140,18 +175,37 @@ def _build_chunk(
 
 def build_model_chunks(config: JobConfig, role: str) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) for `role`."""
-    tconfig = transformer_config(config.model, config.parallel, config.precision)
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role {role!r} must be 'teacher' or 'student'")
+    impl = resolve_transformer_impl(config.precision)
+    if impl == "transformer_engine" and role == "student" and config.rollout.use_kv_cache:
+        te_support.check_cached_rollout(te_support.installed_te_version())
+    tconfig = transformer_config(config.model, config.parallel, config.precision, role)
     vpp = config.parallel.vpp
     stages = range(vpp) if vpp else [None]
     chunks: list[torch.nn.Module] = []
     for vp_stage in stages:
         chunk = _build_chunk(config, tconfig, role, vp_stage)
+        if needs_explicit_mask(role, impl):
+            chunk.register_forward_pre_hook(_require_mask, with_kwargs=True)
         if tconfig.bf16 or tconfig.fp16:
             chunk = Float16Module(tconfig, chunk)
         if torch.cuda.is_available():
             chunk = chunk.cuda()
         chunks.append(chunk)
     return chunks
+
+
+def _require_mask(module, args, kwargs):
+    """A model of mask type `arbitrary` is not causal without a mask: refuse attention_mask=None
+    (GPTModel.forward(input_ids, position_ids, attention_mask, ...))."""
+    mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+    if mask is None:
+        raise ValueError(
+            f"{type(module).__name__} has attention mask type 'arbitrary' and got no "
+            "attention_mask: pass an explicit [b, 1, s, s] mask (models.masks.causal_mask(valid) "
+            "for causal rows)"
+        )
 
 
 def build_teacher(config: JobConfig) -> list[torch.nn.Module]:

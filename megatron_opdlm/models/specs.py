@@ -1,7 +1,10 @@
 """Layer specs: Transformer Engine on GPUs (bf16/FP8), Megatron's local modules elsewhere.
 
 The student differs from the teacher only in its attention mask type: we change attention through
-the spec and the mask we pass, never by forking GPTModel.
+the spec and the mask we pass, never by forking GPTModel. `attention_mask_type` is the one place
+that chooses the mask type per (role, impl); every caller passes an explicit dense mask
+[b, 1, s, s] (True = masked out) that carries causality and padding, so the model is right under
+any mask type that honours an explicit mask.
 """
 
 from __future__ import annotations
@@ -42,10 +45,41 @@ def resolve_transformer_impl(precision: PrecisionConfig) -> str:
     return impl
 
 
+ROLES = ("teacher", "student")
+IMPLS = ("local", "transformer_engine")
+
+
+def attention_mask_type(role: str, impl: str) -> AttnMaskType:
+    """The self-attention mask type of `role` ('teacher' | 'student') under `impl`.
+
+    - student, any impl: `arbitrary`; the block-diffusion masks of `models.masks`.
+    - teacher, local: `causal`. Megatron's local core attention applies the explicit mask it is
+      given (the trainer passes `causal_mask(valid)`, padding included) and builds the causal
+      one itself when a caller passes None.
+    - teacher, transformer_engine: `arbitrary`. Under `causal` TE ignores `attention_mask`
+      (mcore TEDotProductAttention forwards only the mask type), so left-padded rows would attend
+      to the padding. `padding_causal` would take a [b, 1, 1, s] key mask that TE's fused and
+      flash backends turn into per-row lengths, which describes right padding; our rows are
+      left-padded. `arbitrary` applies the explicit [b, 1, s, s] mask as given.
+    A FlexAttention core attention (a block-mask kernel) plugs in here by role.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} must be one of {ROLES}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl {impl!r} must be one of {IMPLS}")
+    if role == "teacher" and impl == "local":
+        return AttnMaskType.causal
+    return AttnMaskType.arbitrary
+
+
+def needs_explicit_mask(role: str, impl: str) -> bool:
+    """True when a forward without an attention mask would not be causal (mask type arbitrary)."""
+    return attention_mask_type(role, impl) != AttnMaskType.causal
+
+
 def layer_spec(model: ModelConfig, impl: str, role: str) -> ModuleSpec:
     """Spec for one transformer layer of `role` 'teacher' (causal) or 'student' (block mask)."""
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role {role!r} must be 'teacher' or 'student'")
+    mask_type = attention_mask_type(role, impl)  # validates role and impl
     if impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     else:
@@ -56,8 +90,6 @@ def layer_spec(model: ModelConfig, impl: str, role: str) -> ModuleSpec:
         if model.qk_layernorm:
             spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
             spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
-    # The student's block-diffusion mask is arbitrary: TE must honour the explicit mask.
-    mask_type = AttnMaskType.causal if role == "teacher" else AttnMaskType.arbitrary
     spec.submodules.self_attention.params = {
         **spec.submodules.self_attention.params,
         "attn_mask_type": mask_type,

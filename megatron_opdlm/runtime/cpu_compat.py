@@ -3,9 +3,8 @@ machine with no GPU), with gloo.
 
 Nothing else in the project knows these patches exist: `apply()` is called by
 `runtime.distributed.initialize()` before any model is built, and does nothing when CUDA is
-available. Each patch is listed with the failure it fixes (measured in shared/notes/
-megatron-core-on-cpu.md; `tests/unit/test_cpu_compat.py` turns each one off and checks that the
-failure comes back).
+available. Each patch is listed with the failure it fixes (`tests/unit/test_cpu_compat.py`
+turns each one off and checks that the failure comes back).
 
 Patches (names usable in `apply(skip=...)` / env OPDLM_CPU_COMPAT_SKIP="current_device,rng"):
   triton_stub     `import megatron.core` imports triton (MoE paged stash) -> ModuleNotFoundError on

@@ -89,7 +89,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> LaunchEnv:
+def initialize(
+    parallel: ParallelConfig, seed: int = 1234, timeout_minutes: float | None = None
+) -> LaunchEnv:
     """Start the process group and Megatron's parallel state; seed every generator.
 
     Idempotent for the process group; parallel state is (re)built each call so tests can switch
@@ -113,7 +115,9 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(
+                minutes=parallel.timeout_minutes if timeout_minutes is None else timeout_minutes
+            ),
         )
     model_parallel = parallel.tp * parallel.pp
     if launch.world_size % model_parallel:

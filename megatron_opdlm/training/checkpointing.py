@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_opdlm import config_base
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.conversion import checkpoint_io
+from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.logging import get_logger
 from megatron_opdlm.training.optimizer import unwrap
 
@@ -50,20 +50,16 @@ def iteration_name(rollout_step: int) -> str:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return collectives.group_rank()
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _agree_on_error(message: str | None) -> None:
     """Raise the same ValueError on every rank when any rank reports a problem."""
-    if dist.is_initialized():
-        messages: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, message)
-        message = next((m for m in messages if m), None)
+    message = next((m for m in collectives.gather_strings(message) if m), None)
     if message:
         raise ValueError(message)
 
@@ -127,7 +123,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def layout_signature(job: JobConfig) -> dict[str, int]:
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = collectives.group_size()
     return {"world_size": world, "tp": job.parallel.tp, "pp": job.parallel.pp,
             "vpp": job.parallel.vpp or 0}  # fmt: skip
 

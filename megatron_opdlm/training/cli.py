@@ -1,6 +1,6 @@
 """`opdlm-train` / `tools/train.py`: run the trainer from a YAML config plus dotted overrides.
 
-    python tools/train.py --config examples/configs/tiny_cpu.yaml train.rollout_steps=20
+    python tools/train.py --config examples/configs/demo_smollm2.yaml train.rollout_steps=20
     torchrun --nproc_per_node=8 tools/train.py --config recipe.yaml parallel.tp=2
     srun python tools/train.py --config recipe.yaml          # SLURM, no torchrun needed
 

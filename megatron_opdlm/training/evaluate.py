@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.data.prompts import PromptDataset
+from megatron_opdlm.diffusion.model_runner import fp8_off
 from megatron_opdlm.diffusion.sampler import generate
+from megatron_opdlm.runtime import collectives
 from megatron_opdlm.training import batches
 from megatron_opdlm.training.metrics import reduce_loss_metrics
 from megatron_opdlm.training.steps import run_student, run_teacher
@@ -39,7 +40,7 @@ def evaluate_kl(models, data: PromptDataset, job: JobConfig, dp_rank: int, dp_si
     mine = [data[i] for i in range(dp_rank, len(data), dp_size)]
     chunk = max(1, job.train.prompts_per_rollout // dp_size)
     micro_size = job.train.micro_batch_size
-    packed_all, counts = [], torch.zeros(2, dtype=torch.long)
+    packed_all, counts = [], [0, 0]  # local loss tokens, loss sequences
     for index, start in enumerate(range(0, len(mine), chunk)):
         records = mine[start : start + chunk]
         rollout = generate(
@@ -55,15 +56,17 @@ def evaluate_kl(models, data: PromptDataset, job: JobConfig, dp_rank: int, dp_si
         micro = batches.pack_rows(rollout, x_t, scored, 0, len(records))
         scored.train.micro_batch_size = micro_size
         packed_all.append(micro)
-        counts += torch.tensor([sum(m.num_loss_tokens for m in micro),
-                                sum(m.num_loss_sequences for m in micro)])  # fmt: skip
-    if dp_size > 1:
-        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        counts[0] += sum(m.num_loss_tokens for m in micro)
+        counts[1] += sum(m.num_loss_sequences for m in micro)
+    counts = collectives.all_reduce_values(counts, group=parallel_state.get_data_parallel_group())
     metric_dicts = []
-    for micro in packed_all:
-        targets = run_teacher(models.teacher, micro, scored, top_k=None)
-        metric_dicts += run_student(models.student, micro, targets, scored, int(counts[0]),
-                                    int(counts[1]), forward_only=True)  # fmt: skip
-    summary = reduce_loss_metrics(metric_dicts)
+    # DP ranks may hold different numbers of eval micro-batches: the student scores in its
+    # parameter dtype, so no FP8 amax reduction waits on the data-parallel group.
+    with fp8_off(models.student):
+        for micro in packed_all:
+            targets = run_teacher(models.teacher, micro, scored, top_k=None)
+            metric_dicts += run_student(models.student, micro, targets, scored, int(counts[0]),
+                                        int(counts[1]), forward_only=True)  # fmt: skip
+    summary = reduce_loss_metrics(metric_dicts, with_teacher=True)
     return {"kl": summary.get("divergence", float("nan")),
             "loss_tokens": summary.get("loss_tokens", 0.0)}  # fmt: skip

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_opdlm.distill.loss import summarize_metrics
+from megatron_opdlm.distill.loss import metric_keys, metric_totals, summarize_totals
+from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.logging import get_logger
 
 log = get_logger("training")
@@ -25,18 +25,25 @@ def contributes_metrics() -> bool:
     )
 
 
-def reduce_loss_metrics(metric_dicts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Means over micro-batches and DP replicas, the same on every rank (collective)."""
-    local = None
+def reduce_loss_metrics(
+    metric_dicts: list[dict[str, torch.Tensor]], with_teacher: bool
+) -> dict[str, float]:
+    """Means over micro-batches and DP replicas, the same on every rank (collective).
+
+    One all-reduce of the summed metrics (a float64 vector, `distill.loss.metric_keys`) over the
+    world: the ranks that hold a loss (`contributes_metrics`, one per DP replica) add theirs,
+    the others add zeros. The world rather than the DP group, because rank 0 (which logs) sits on
+    the first pipeline stage and the loss on the last. `with_teacher`: the job has teacher
+    targets (every mode but mdlm_sft), which adds the teacher-entropy key.
+    """
+    keys = metric_keys(with_teacher)
+    local = [0.0] * (len(keys) + 1)  # the summed metrics, then 1 per contributing rank
     if contributes_metrics() and metric_dicts:
-        keys = sorted(metric_dicts[0])
-        local = {k: float(sum(m[k].double().item() for m in metric_dicts)) for k in keys}
-    gathered = [local]
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-    replicas = [{k: torch.tensor(v) for k, v in g.items()} for g in gathered if g is not None]
-    return summarize_metrics(replicas)
+        local = metric_totals(metric_dicts, keys) + [1.0]
+    *totals, contributors = collectives.all_reduce_values(local, op="sum")
+    if not contributors:
+        return {}  # no rank had a micro-batch with a loss
+    return summarize_totals(dict(zip(keys, totals)))
 
 
 def memory_gib() -> float:

@@ -97,6 +97,34 @@ def set_learning_rate(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def grad_norm_then_step(optimizer, step_if) -> tuple[bool, float]:
+    """One gradient norm per step, checked before the update (bf16 / fp32; fp16 uses step()).
+
+    Megatron's `optimizer.step()` is prepare_grads -> grad norm (+ clip) -> update, with no way
+    to stop between the norm and the update; computing the norm first and then calling step()
+    would do both twice (an extra pass over the grads and an extra model-parallel all-reduce).
+    This runs the same pieces once: prepare_grads, the norm, `step_if(norm)` (a collective
+    check, e.g. the finite check), then clipping by that norm and `step_with_ready_grads`.
+    Returns (stepped, grad norm). Our models register no separate grad-norm groups.
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if not step_if(grad_norm):
+        return False, grad_norm
+    for inner in _inner_optimizers(optimizer):
+        params = inner.get_parameters()
+        if inner.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=inner.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
 def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
@@ -104,7 +132,7 @@ def _inner_optimizers(optimizer) -> list:
 def _fix_distributed_optimizer_checkpointing(inner) -> None:
     """Make DistributedOptimizer checkpoints exact with plain torch Adam (no Apex/TE), 0.19.x.
 
-    Measured failures without this (shared/notes/megatron-core-on-cpu.md, any hardware):
+    Measured failures without this (any hardware; tests/unit/test_training.py resumes exactly):
     a) `sharded_state_dict(is_loading=True)` on a fresh optimizer calls `state_dict()`, which
        asserts a single torch-Adam 'step' -> prime the state with a no-op step first;
     b) `_set_main_param_and_optimizer_states` copies every state tensor, including torch-Adam's

@@ -16,8 +16,8 @@ import signal
 import time
 
 import torch
-import torch.distributed as dist
 
+from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -63,27 +63,19 @@ class StopRequest:
 
     def should_stop(self, last_step_seconds: float, save_seconds: float = 0.0) -> bool:
         """True on every rank when any rank got a signal or the deadline is near."""
-        flags = torch.tensor(
-            [self.signal_name is not None, self.deadline_near(last_step_seconds, save_seconds)],
-            dtype=torch.int32,
-        )
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0]:
+        local = [int(self.signal_name is not None),
+                 int(self.deadline_near(last_step_seconds, save_seconds))]  # fmt: skip
+        signalled, deadline = collectives.all_reduce_values(local, op="max")
+        if signalled:
             self.reason = f"signal {self.signal_name or 'on another rank'}"
-        elif flags[1]:
+        elif deadline:
             self.reason = f"deadline of {self.deadline / 60:.1f} min"
-        return bool(flags.any())
+        return bool(signalled or deadline)
 
 
 def ranks_with(flag: bool) -> list[int]:
-    """The ranks where `flag` is True (collective: one small all-reduce)."""
-    if not dist.is_initialized():
-        return [0] if flag else []
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32)
-    flags[dist.get_rank()] = int(flag)
-    dist.all_reduce(flags)
-    return [int(r) for r in flags.nonzero().flatten()]
+    """The (global) ranks where `flag` is True (collective: one small all-reduce)."""
+    return collectives.ranks_where(flag)
 
 
 def is_finite(value) -> bool:

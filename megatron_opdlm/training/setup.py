@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_opdlm.config import JobConfig, ModelConfig
@@ -19,6 +18,7 @@ from megatron_opdlm.conversion import checkpoint_io
 from megatron_opdlm.data.prompts import PromptDataset, load_prompts
 from megatron_opdlm.models.builder import build_student, build_teacher, copy_weights
 from megatron_opdlm.models.vocab import init_mask_token_row
+from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.logging import get_logger
 from megatron_opdlm.training import checkpointing
 from megatron_opdlm.training.optimizer import build_optimizer, wrap_ddp
@@ -47,11 +47,6 @@ def check_job(job: JobConfig, world_size: int) -> None:
         )
     if job.data.train_prompts is None:
         raise ValueError("data.train_prompts is not set: give a JSONL file of prompts")
-    if job.distill.mode in ROLLOUT_MODES and job.parallel.sequence_parallel:
-        raise ValueError(
-            f"distill.mode={job.distill.mode} rolls out with the student, and the sampler does not "
-            "support parallel.sequence_parallel=true; turn sequence parallelism off"
-        )
     if job.distill.mode == "mdlm_sft" and job.distill.divergence != "forward_kl":
         log.warning("distill.mode=mdlm_sft trains with cross-entropy; distill.divergence is unused")
     if job.precision.dtype == "fp16" and job.train.nan_policy == "skip":
@@ -202,12 +197,12 @@ def _broadcast_over_data_parallel(chunks) -> None:
     if parallel_state.get_data_parallel_world_size() == 1:
         return
     group = parallel_state.get_data_parallel_group()
-    src = dist.get_global_rank(group, 0)
+    src = torch.distributed.get_global_rank(group, 0)
     with torch.no_grad():
         for chunk in chunks:
             for tensor in chunk.state_dict().values():
                 if isinstance(tensor, torch.Tensor):
-                    dist.broadcast(tensor, src=src, group=group)
+                    collectives.broadcast_tensor_(tensor, src=src, group=group)
 
 
 @dataclass

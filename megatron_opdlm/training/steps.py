@@ -15,34 +15,53 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.diffusion.packing import PackedBatch
 from megatron_opdlm.distill.loss import distill_loss
 from megatron_opdlm.distill.targets import TeacherTargets, teacher_targets
+from megatron_opdlm.models.builder import fp8_for
+from megatron_opdlm.models.projection import project_rows_vocab_parallel
+from megatron_opdlm.runtime import te_support
 
 
-def _project_rows(*, hidden_states, output_layer, output_weight, context, scale_logits, **_):
-    """GPTModel output_processor: the vocab projection of the rows in `context` only.
-
-    hidden_states [s, b, h] -> logits [b, n, V/tp] (vocab-parallel, not gathered). The loss
-    reads R of the S = P + 2R student columns and R of the P + R teacher columns: projecting only
-    those skips most of the output layer's FLOPs and its [b, S, V] activations.
-    """
-    rows = context  # [n] long
-    logits, _ = output_layer(
-        hidden_states.index_select(0, rows), weight=output_weight, runtime_gather_output=False
-    )  # [n, b, V/tp]
-    return scale_logits(logits).transpose(0, 1).contiguous()  # [b, n, V/tp]
+def _projection(rows: torch.Tensor) -> dict:
+    """forward kwargs that project only `rows` (vocab-parallel logits [b, n, V/tp]); works with
+    and without sequence parallelism (`models.projection`)."""
+    return {"output_processor": project_rows_vocab_parallel, "output_processor_context": rows}
 
 
-def _projection(job: JobConfig, rows: torch.Tensor) -> dict:
-    """forward kwargs that project only `rows` (not under sequence parallelism, where the
-    output layer gathers the sequence itself: there the whole row is projected)."""
-    if job.parallel.sequence_parallel:
-        return {}
-    return {"output_processor": _project_rows, "output_processor_context": rows}
+def row_multiple(job: JobConfig, role: str) -> int:
+    """The multiple `role`'s packed rows are padded to: TP under sequence parallelism (the
+    sequence is split over TP ranks), times TE's FP8 GEMM row alignment when `role` runs FP8."""
+    multiple = job.parallel.tp if job.parallel.sequence_parallel else 1
+    if fp8_for(role, job.precision):
+        multiple *= te_support.fp8_row_multiple(job.precision.fp8_recipe)
+    return multiple
+
+
+def padded_length(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def pad_columns(
+    tokens: torch.Tensor,  # [b, s] long
+    position_ids: torch.Tensor,  # [b, s] long
+    attention_mask: torch.Tensor,  # [b, 1, s, s] bool, True = masked out
+    multiple: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad a packed row to a multiple of `multiple` columns, exactly: no real query sees a
+    pad key (masked columns) and pad queries are never read (the projection takes real rows)."""
+    s = tokens.shape[1]
+    extra = padded_length(s, multiple) - s
+    if extra == 0:
+        return tokens, position_ids, attention_mask
+    tokens = F.pad(tokens, (0, extra), value=0)  # [b, s + e]
+    position_ids = F.pad(position_ids, (0, extra), value=0)  # [b, s + e]
+    attention_mask = F.pad(attention_mask, (0, extra, 0, extra), value=True)  # [b,1,s+e,s+e]
+    return tokens, position_ids, attention_mask
 
 
 def _iterators(items: list, num_chunks: int):
@@ -71,16 +90,20 @@ def run_teacher(
 ) -> list[TeacherTargets] | None:
     """Teacher targets per micro-batch on the last pipeline stage (None on other stages)."""
 
+    multiple = row_multiple(job, "teacher")
+
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
         p, r = micro.prompt_length, micro.response_length
         # Columns P-1 .. P+R-1 (R + 1 rows; the last is not read): targets read P-1 .. P+R-2.
         rows = torch.arange(p - 1, p + r, device=micro.teacher_tokens.device)
-        projection = _projection(job, rows)
-        output = model(
-            micro.teacher_tokens, micro.teacher_position_ids, micro.teacher_attention_mask,
-            **projection,
-        )  # fmt: skip
+        # The explicit causal + left-padding mask [b, 1, P+R, P+R]: honoured under the teacher's
+        # mask type for every impl (models.specs.attention_mask_type).
+        tokens, positions, mask = pad_columns(
+            micro.teacher_tokens, micro.teacher_position_ids, micro.teacher_attention_mask, multiple
+        )
+        projection = _projection(rows)
+        output = model(tokens, positions, mask, **projection)
         # With the projection the logits start at column P-1: seen as a row with a 1-token prompt.
         view = dataclasses.replace(micro, prompt_length=1) if projection else micro
 
@@ -96,7 +119,7 @@ def run_teacher(
         data_iterator=_iterators(micro_batches, len(teacher_chunks)),
         model=teacher_chunks,
         num_microbatches=len(micro_batches),
-        seq_length=first.teacher_tokens.shape[1],
+        seq_length=padded_length(first.teacher_tokens.shape[1], multiple),
         micro_batch_size=first.batch_size,
         forward_only=True,
     )
@@ -116,13 +139,17 @@ def run_student(
 ) -> list[dict[str, torch.Tensor]]:
     """Student forward (and backward) over the micro-batches; metric dicts on the last stage."""
     per_micro = targets if targets is not None else [None] * len(micro_batches)
+    multiple = row_multiple(job, "student")
 
     def forward_step(data_iterator, model):
         micro, micro_targets = next(data_iterator)
-        projection = _projection(job, micro.logit_columns.to(micro.tokens.device))
-        output = model(micro.tokens, micro.position_ids, micro.attention_mask, **projection)
+        tokens, positions, mask = pad_columns(
+            micro.tokens, micro.position_ids, micro.attention_mask, multiple
+        )
+        projection = _projection(micro.logit_columns.to(micro.tokens.device))
+        output = model(tokens, positions, mask, **projection)
 
-        def loss_func(logits):  # [b, R, V/tp] at the logit columns (or [b, S, V/tp])
+        def loss_func(logits):  # [b, R, V/tp] at the logit columns (or [b, S, V/tp] unprojected)
             loss, metrics = distill_loss(
                 logits, micro_targets, micro, job.distill, num_global_loss_tokens,
                 model_cfg=job.model, num_global_sequences=num_global_sequences,
@@ -138,7 +165,7 @@ def run_student(
         data_iterator=_iterators(list(zip(micro_batches, per_micro)), len(student_chunks)),
         model=student_chunks,
         num_microbatches=len(micro_batches),
-        seq_length=first.tokens.shape[1],
+        seq_length=padded_length(first.tokens.shape[1], multiple),
         micro_batch_size=first.batch_size,
         forward_only=forward_only,
     )

@@ -15,20 +15,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_opdlm import config_base
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.data.prompts import PromptOrder
 from megatron_opdlm.diffusion.sampler import generate
+from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.distributed import device, is_rank0
 from megatron_opdlm.runtime.logging import get_logger
 from megatron_opdlm.training import batches, checkpointing, setup
 from megatron_opdlm.training.evaluate import evaluate_kl
 from megatron_opdlm.training.metrics import StepLogger, memory_gib, reduce_loss_metrics
-from megatron_opdlm.training.optimizer import set_learning_rate
+from megatron_opdlm.training.optimizer import grad_norm_then_step, set_learning_rate
 from megatron_opdlm.training.resilience import StopRequest, check_finite, is_finite
 from megatron_opdlm.training.schedules import learning_rate, rollout_length_cap
 from megatron_opdlm.training.steps import (
@@ -64,7 +63,7 @@ class Trainer:
             raise
 
     def _setup(self, job: JobConfig, tokenizer) -> None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = collectives.group_size()
         setup.adopt_teacher_model_config(job)
         setup.check_job(job, world)
         self.job = job
@@ -97,13 +96,12 @@ class Trainer:
 
     # ---- one optimizer step ----
     def _global_counts(self, micro_batches) -> tuple[int, int]:
-        counts = torch.tensor(
-            [sum(m.num_loss_tokens for m in micro_batches),
-             sum(m.num_loss_sequences for m in micro_batches)], dtype=torch.long,
-        )  # fmt: skip
-        if self.dp_size > 1:
-            dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        return int(counts[0]), int(counts[1])
+        local = [sum(m.num_loss_tokens for m in micro_batches),
+                 sum(m.num_loss_sequences for m in micro_batches)]  # fmt: skip
+        tokens, sequences = collectives.all_reduce_values(
+            local, group=parallel_state.get_data_parallel_group()
+        )
+        return int(tokens), int(sequences)
 
     def _optimizer_step(self, micro_batches, times: dict[str, float]) -> dict[str, float]:
         job, step = self.job, self.optimizer_step + 1  # 1-based, as in the console line
@@ -132,16 +130,18 @@ class Trainer:
         times["time_student"] = time.perf_counter() - start
         start = time.perf_counter()
         losses_ok = all(is_finite(m["loss"]) for m in metric_dicts)
-        record.update(reduce_loss_metrics(metric_dicts))
+        record.update(reduce_loss_metrics(metric_dicts, job.distill.mode != "mdlm_sft"))
         if not check_finite("loss", losses_ok, step, policy):
             return {**record, "skipped": 1.0}
         if job.precision.dtype != "fp16":  # fp16: the loss scaler already skips inf/NaN steps
-            self.models.optimizer.prepare_grads()
-            record["grad_norm"] = float(self.models.optimizer.get_grad_norm())
-            if not check_finite("gradient norm", is_finite(record["grad_norm"]), step, policy):
+            success, record["grad_norm"] = grad_norm_then_step(
+                self.models.optimizer,
+                lambda norm: check_finite("gradient norm", is_finite(norm), step, policy),
+            )
+            if not success:
                 return {**record, "skipped": 1.0}
-        success, grad_norm, _ = self.models.optimizer.step()
-        if job.precision.dtype == "fp16":
+        else:
+            success, grad_norm, _ = self.models.optimizer.step()
             record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
             record["skipped"] = 0.0 if success else 1.0
         times["time_optimizer"] = time.perf_counter() - start
@@ -167,9 +167,9 @@ class Trainer:
         local_rows = job.train.prompts_per_rollout // self.dp_size
         x_t = batches.select_noisy_states(rollout, job, step, self.dp_rank * local_rows)
         rollout_time = time.perf_counter() - start
-        rollout_tokens = torch.tensor(int(rollout.response_valid.sum()))
-        if self.dp_size > 1:
-            dist.all_reduce(rollout_tokens, group=parallel_state.get_data_parallel_group())
+        rollout_tokens = collectives.all_reduce_value(
+            int(rollout.response_valid.sum()), group=parallel_state.get_data_parallel_group()
+        )
         local_batch = job.train.global_batch_size // self.dp_size
         history = []
         for k in range(self.steps_per_rollout):

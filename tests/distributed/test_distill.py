@@ -137,7 +137,7 @@ def _check_data_parallel(groups) -> dict:
 
     from megatron_opdlm.config import DistillConfig
     from megatron_opdlm.diffusion.packing import split_micro_batches
-    from megatron_opdlm.distill.loss import distill_loss, schedule_loss_func
+    from megatron_opdlm.distill.loss import distill_loss
     from megatron_opdlm.distill.targets import teacher_targets
 
     model, packed, _, teacher = _setup()
@@ -173,16 +173,15 @@ def _check_data_parallel(groups) -> dict:
         micro_targets = teacher_targets(
             teacher[row : row + 1, :, cols], micro, model, group=tp_group
         )
-        loss_func = schedule_loss_func(micro_targets, micro, cfg, model, int(n_global),
-                                       num_microbatches=len(micro_batches),
-                                       data_parallel_size=dp_size, group=tp_group)  # fmt: skip
-        output, metrics = loss_func(hidden[row : row + 1] @ local_weight.T)  # [1, S, V/tp]
-        output /= len(micro_batches)  # Megatron's forward_step_calc_loss, in place
+        # the trainer's contract: loss / global tokens, no rescaling by the schedule
+        # (calculate_per_token_loss) and gradients summed over DP (DDP scaling factor 1)
+        output, metrics = distill_loss(hidden[row : row + 1] @ local_weight.T, micro_targets,
+                                       micro, cfg, int(n_global), model_cfg=model,
+                                       group=tp_group)  # fmt: skip
         output.backward()
         step_loss += metrics["loss"]
     grad = local_weight.grad.clone()
     dist.all_reduce(grad, group=dp_group)
-    grad /= dp_size  # Megatron DDP: gradient_scaling_factor = 1 / dp
     dist.all_reduce(step_loss, group=dp_group)
     torch.testing.assert_close(step_loss, ref_loss.detach(), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(grad, ref_weight.grad[cols], rtol=1e-10, atol=1e-13)

@@ -13,13 +13,14 @@ def main() -> None:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_opdlm.models.builder import build_student
+    from megatron_opdlm.models.builder import build_model_chunks
     from megatron_opdlm.runtime import distributed
     from tests.tiny import tiny_config
 
     config = tiny_config()
     distributed.initialize(config.parallel, seed=3)  # rng: CUDA RNG tracker
-    (model,) = build_student(config)  # current_device: buffers on torch.cuda.current_device()
+    # a trainable causal model (the teacher's spec, not frozen): a None mask is the default one
+    (model,) = build_model_chunks(config, "teacher")  # current_device: buffers on current_device()
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True),

@@ -8,7 +8,7 @@ import torch
 from megatron_opdlm.config import DiffusionConfig, DistillConfig, ModelConfig
 from megatron_opdlm.diffusion.packing import pack_batch, split_micro_batches
 from megatron_opdlm.diffusion.states import select_states
-from megatron_opdlm.distill.loss import distill_loss, schedule_loss_func, summarize_metrics
+from megatron_opdlm.distill.loss import distill_loss, summarize_metrics
 from megatron_opdlm.distill.targets import teacher_targets
 from megatron_opdlm.models.vocab import invalid_vocab_mask
 from tests.unit.test_divergences import reference
@@ -131,17 +131,16 @@ def test_micro_batches_sum_to_the_full_batch_loss_and_gradient():
     full, _ = distill_loss(student, targets, packed, cfg, n, model_cfg=MODEL, group=None)
     (full_grad,) = torch.autograd.grad(full, student)
 
-    # as Megatron's schedule runs it: loss_func output / num_microbatches, gradients accumulated
+    # the trainer's contract: each micro-batch's loss is divided by the step's token count n,
+    # the schedule does not rescale (calculate_per_token_loss) and gradients are summed
     parts, metrics = split_micro_batches(packed, 2), []
     grad = torch.zeros_like(student)
     for index, part in enumerate(parts):
         rows = slice(2 * index, 2 * index + 2)
         piece = student.detach()[rows].clone().requires_grad_()
-        func = schedule_loss_func(targets.rows(2 * index, 2 * index + 2), part, cfg, MODEL, n,
-                                  num_microbatches=2, data_parallel_size=1, group=None)  # fmt: skip
-        scaled, m = func(piece)
-        scaled = scaled / 2  # what the schedule does
-        (grad[rows],) = torch.autograd.grad(scaled, piece)
+        part_targets = targets.rows(2 * index, 2 * index + 2)
+        loss, m = distill_loss(piece, part_targets, part, cfg, n, model_cfg=MODEL, group=None)
+        (grad[rows],) = torch.autograd.grad(loss, piece)
         metrics.append(m)
     total = sum(m["loss"] for m in metrics)
     torch.testing.assert_close(total, full.detach(), rtol=1e-12, atol=1e-14)

@@ -9,7 +9,6 @@ from megatron_opdlm.config import DiffusionConfig, ModelConfig
 from megatron_opdlm.diffusion.packing import pack_batch, split_micro_batches
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
 from megatron_opdlm.diffusion.states import select_states
-from megatron_opdlm.models.masks import causal_mask, packed_row_mask, xt_logit_columns
 from tests.unit.test_states import make_rollout
 
 MODEL = ModelConfig(vocab_size=50, vocab_pad_multiple=8, eos_token_ids=[1], pad_token_id=0)
@@ -65,6 +64,36 @@ def test_padded_positions_and_unmasked_positions_are_not_in_the_loss():
     assert excluded.loss_mask.sum(1).tolist() == [3, 0, 5]
 
 
+def _reference_row_mask(p, r, block, valid):
+    """[b, 1, S, S] True = masked, by the rule in words, one (query, key) pair at a time:
+    a clean column (prompt or x0) sees clean columns of its block and earlier blocks; an x_t
+    column sees clean columns of earlier blocks and the x_t columns of its own block; padding is
+    never seen, except that a pad query sees itself. Blocks are aligned so one starts at P."""
+    b, s = valid.shape
+
+    def kind_and_block(column):
+        noisy = column >= p + r
+        position = column - r if noisy else column
+        return noisy, (position - p) // block  # the prompt's blocks are negative
+
+    mask = torch.ones(b, 1, s, s, dtype=torch.bool)
+    for row in range(b):
+        for q in range(s):
+            q_noisy, q_block = kind_and_block(q)
+            for k in range(s):
+                k_noisy, k_block = kind_and_block(k)
+                if q_noisy:
+                    allowed = (not k_noisy and k_block < q_block) or (
+                        k_noisy and k_block == q_block
+                    )
+                else:
+                    allowed = not k_noisy and k_block <= q_block
+                allowed = allowed and bool(valid[row, k])
+                allowed |= q == k and not bool(valid[row, q])
+                mask[row, 0, q, k] = not allowed
+    return mask
+
+
 def test_rows_columns_masks_and_positions():
     rollout = make_rollout([3, 5], [8, 6], 5, 8, block_size=4, steps_per_block=4, seed=1)
     x_t = select_states(rollout, "per_block", 4, MASK, 4, torch.Generator().manual_seed(0))
@@ -78,12 +107,23 @@ def test_rows_columns_masks_and_positions():
         assert torch.equal(packed.tokens[:, p + r :], x_t)
         valid = torch.cat([rollout.prompt_valid, rollout.response_valid, rollout.response_valid], 1)
         assert torch.equal(packed.valid, valid)
-        mask, positions = packed_row_mask(p, r, 4, valid)
-        assert torch.equal(packed.attention_mask, mask)
-        assert torch.equal(packed.position_ids, positions)
-        assert torch.equal(packed.logit_columns, xt_logit_columns(p, r, 4, shift))
+        # against rules written out by hand (not the builders that made them)
+        assert torch.equal(packed.attention_mask, _reference_row_mask(p, r, 4, valid))
+        positions = list(range(p + r)) + list(range(p, p + r))  # x_t copies x0's positions
+        assert packed.position_ids.tolist() == [positions, positions]
+        # token shift: r % B == 0 reads the last clean column before its block (P + r - 1),
+        # else the x_t column of r - 1; without shift, the x_t column of r itself
+        xt = p + r  # first x_t column
+        columns = [(p + i - 1 if i % 4 == 0 else xt + i - 1) if shift else xt + i for i in range(r)]
+        assert packed.logit_columns.tolist() == columns
         assert torch.equal(packed.teacher_tokens, packed.tokens[:, : p + r])
-        assert torch.equal(packed.teacher_attention_mask, causal_mask(valid[:, : p + r]))
+        teacher_valid = valid[:, : p + r]
+        for row in range(2):
+            for q in range(p + r):
+                for k in range(p + r):
+                    allowed = k <= q and bool(teacher_valid[row, k])
+                    allowed |= k == q and not teacher_valid[row, q]  # a pad query sees itself
+                    assert bool(packed.teacher_attention_mask[row, 0, q, k]) == (not allowed)
         assert torch.equal(packed.teacher_position_ids[0], torch.arange(p + r))
         # the loss covers exactly the masked valid positions (no EOS inside these responses
         # except the last valid token, which is included)

@@ -251,22 +251,44 @@ def test_bad_input_is_refused_before_any_work(
         _run(tiny, prompts=prompts, max_new_tokens=max_new_tokens, **override)
 
 
-def test_explicit_masks_flags_only_attention_that_could_ignore_the_mask(tiny):
-    from megatron_opdlm.diffusion.kv_cache import ExplicitMasks
+class _NonLocalCore(torch.nn.Module):
+    """Stands in for Transformer Engine's core attention (not megatron's local class): records
+    the mask type megatron-core hands it, then runs the local attention."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, *args, attn_mask_type=None, **kwargs):
+        self.seen.append(attn_mask_type)
+        return self.inner(*args, attn_mask_type=attn_mask_type, **kwargs)
+
+
+def test_cached_rounds_keep_the_explicit_mask_type_as_on_te_2_2(tiny, monkeypatch):
+    from megatron.core.transformer import attention as mcore_attention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_opdlm.diffusion import kv_cache
 
     _, chunks = tiny
-    first, second = (layer.self_attention for layer in chunks[0].decoder.layers)
-    local_core = first.core_attention
-    first.core_attention = torch.nn.Identity()  # stands in for Transformer Engine's attention
-    chunks[0].eval()
+    attention = chunks[0].decoder.layers[0].self_attention
+    local_core = attention.core_attention
+    # megatron-core keeps the layer's mask type at offset > 0 only in training mode on TE >= 2.2
+    monkeypatch.setattr(mcore_attention, "is_te_min_version", lambda *args, **kwargs: True)
     try:
-        switch = ExplicitMasks(chunks)
-        with switch:
-            assert first.training, "a non-local core attention keeps the explicit mask type"
-            assert not second.training, "local attention always applies the mask: untouched"
-        assert not first.training
+        for explicit in (True, False):
+            attention.core_attention = _NonLocalCore(local_core)
+            if not explicit:  # what a cached rollout would see without ExplicitMasks
+                monkeypatch.setattr(kv_cache.ExplicitMasks, "__enter__", lambda self: None)
+                monkeypatch.setattr(kv_cache.ExplicitMasks, "__exit__", lambda self, *exc: None)
+            _run(tiny, use_kv_cache=True)
+            seen = set(attention.core_attention.seen)
+            if explicit:
+                assert seen == {AttnMaskType.arbitrary}, seen
+            else:
+                assert AttnMaskType.no_mask in seen, seen
     finally:
-        first.core_attention = local_core
+        attention.core_attention = local_core
 
 
 def test_small_row_linears_take_the_weight_first_product_for_few_rows_only(tiny, monkeypatch):
