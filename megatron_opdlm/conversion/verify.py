@@ -119,8 +119,8 @@ def default_prompts(hf_dir: str | Path, vocab_size: int, count: int = 3, length:
 
 def verify_conversion(hf_dir, ckpt_dir, kl_tolerance: float = DEFAULT_KL_TOLERANCE) -> dict:
     """Load both models (TP=PP=1, this process), run prompts, return metrics and `passed`."""
+    from megatron_opdlm.checkpoint_layout import load_model_checkpoint, read_model_meta
     from megatron_opdlm.config import JobConfig, ParallelConfig
-    from megatron_opdlm.conversion.checkpoint_io import load_model_checkpoint, read_model_meta
     from megatron_opdlm.models.builder import build_teacher
     from megatron_opdlm.runtime import distributed
 
@@ -148,7 +148,7 @@ def verify_conversion(hf_dir, ckpt_dir, kl_tolerance: float = DEFAULT_KL_TOLERAN
 def _stored_dtype(ckpt_dir) -> torch.dtype:
     from megatron.core import dist_checkpointing
 
-    from megatron_opdlm.conversion.checkpoint_io import MODEL_DIR, resolve_checkpoint_dir
+    from megatron_opdlm.checkpoint_layout import MODEL_DIR, resolve_checkpoint_dir
 
     meta = dist_checkpointing.load_tensors_metadata(
         str(resolve_checkpoint_dir(ckpt_dir) / MODEL_DIR)

@@ -4,8 +4,10 @@
     torchrun --nproc_per_node=8 tools/train.py --config recipe.yaml parallel.tp=2
     srun python tools/train.py --config recipe.yaml          # SLURM, no torchrun needed
 
-Exit status: 0 when training finished or stopped cleanly (signal, deadline: a checkpoint was
-saved), 1 on a non-finite value (nan_policy=stop), 2 on bad input (nothing was run).
+Exit status (training/preemption.py; the SLURM recipes in examples/slurm/ branch on it):
+0 finished (all steps ran, or a STOP file in train.run_dir ended the run), 1 on a non-finite
+value (nan_policy=stop), 2 on bad input (nothing was run), 3 stopped by a signal or the deadline
+after saving a checkpoint: run the same command again and it resumes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad config: %s", exc)
         return 2
     distributed.initialize(job.parallel, seed=job.train.seed)
+    from megatron_opdlm.training.preemption import EXIT_FINISHED, EXIT_RESUME
     from megatron_opdlm.training.resilience import NonFiniteError
     from megatron_opdlm.training.trainer import Trainer
 
@@ -59,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc, extra={"all_ranks": True})
             return 1
         status = f"stopped early ({result.stopped_early})" if result.stopped_early else "done"
-        log.info("%s at rollout step %d, optimizer step %d; checkpoint %s", status,
-                 result.rollout_step, result.optimizer_step, result.checkpoint)  # fmt: skip
-        return 0
+        code = EXIT_RESUME if result.resumable else EXIT_FINISHED
+        log.info("%s at rollout step %d, optimizer step %d; checkpoint %s; exit code %d", status,
+                 result.rollout_step, result.optimizer_step, result.checkpoint, code)  # fmt: skip
+        return code
     finally:
         distributed.shutdown()
 

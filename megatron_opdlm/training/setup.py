@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_opdlm import checkpoint_layout
 from megatron_opdlm.config import JobConfig
-from megatron_opdlm.conversion import checkpoint_io
 from megatron_opdlm.data.prompts import PromptDataset, load_prompts
 from megatron_opdlm.models.builder import build_student, build_teacher, copy_weights
 from megatron_opdlm.models.vocab import init_mask_token_row
@@ -70,7 +70,7 @@ def adopt_teacher_model_config(job: JobConfig) -> None:
     """A converted teacher defines the architecture: take its ModelConfig."""
     if job.checkpoint.teacher is None:
         return
-    model_cfg, _ = checkpoint_io.read_model_meta(job.checkpoint.teacher)
+    model_cfg, _ = checkpoint_layout.read_model_meta(job.checkpoint.teacher)
     if model_cfg != job.model:
         log.info("model config taken from the teacher checkpoint %s", job.checkpoint.teacher)
     job.model = model_cfg
@@ -83,7 +83,7 @@ def load_tokenizer(job: JobConfig):
     if job.data.tokenizer is not None:
         return load(job.data.tokenizer)
     if job.checkpoint.teacher is not None:
-        bundled = checkpoint_io.resolve_checkpoint_dir(job.checkpoint.teacher) / "tokenizer"
+        bundled = checkpoint_layout.resolve_checkpoint_dir(job.checkpoint.teacher) / "tokenizer"
         if bundled.is_dir():
             return load(bundled)
     return None
@@ -139,7 +139,7 @@ def build_models(job: JobConfig, resuming: bool) -> Models:
     if needs_teacher or job.checkpoint.student_init is None:
         if job.checkpoint.teacher is not None:
             teacher = build_teacher(job)
-            checkpoint_io.load_model_checkpoint(teacher, job.checkpoint.teacher)
+            checkpoint_layout.load_model_checkpoint(teacher, job.checkpoint.teacher)
         else:
             log.warning("checkpoint.teacher is not set: the teacher is randomly initialised")
             with torch.random.fork_rng(devices=[]):  # the same random teacher on every build
@@ -149,7 +149,7 @@ def build_models(job: JobConfig, resuming: bool) -> Models:
     student = build_student(job)
     if not resuming:
         if job.checkpoint.student_init is not None:
-            checkpoint_io.load_model_checkpoint(student, job.checkpoint.student_init)
+            checkpoint_layout.load_model_checkpoint(student, job.checkpoint.student_init)
         else:
             copy_weights(teacher, student)
         init_mask_token_row(student, job.model)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_opdlm.config import JobConfig
-from megatron_opdlm.conversion import checkpoint_io
-from megatron_opdlm.conversion.checkpoint_io import (
+from megatron_opdlm import checkpoint_layout
+from megatron_opdlm.checkpoint_layout import (
     load_model_checkpoint,
     read_model_meta,
     resolve_checkpoint_dir,
     save_model_checkpoint,
 )
+from megatron_opdlm.config import JobConfig
 from megatron_opdlm.conversion.dist_writer import write_torch_dist
 from megatron_opdlm.conversion.families import mappings_for
 from megatron_opdlm.conversion.hf_to_megatron import build_lazy_state, convert_hf_to_megatron
@@ -91,7 +91,7 @@ def test_load_rejects_other_architecture_and_missing_tensors(single_process, tmp
         del state["decoder.final_layernorm.weight"]
         partial = tmp_path / "partial"
         write_torch_dist(state, partial / "model")
-    checkpoint_io.write_model_meta(partial, model_cfg, None)
+    checkpoint_layout.write_model_meta(partial, model_cfg, None)
     with pytest.raises(ValueError, match=r"missing in the checkpoint \['decoder.final_layernorm"):
         load_model_checkpoint(build_teacher(JobConfig(model=model_cfg)), partial)
 
