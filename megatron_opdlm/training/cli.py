@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
 from megatron_opdlm.config import config_help, load_config
 from megatron_opdlm.runtime import distributed
 from megatron_opdlm.runtime.logging import get_logger
@@ -31,8 +33,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--load", help="resume from this checkpoint (same as checkpoint.load=...)")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="only check the config, the layout against the launch's task count and the "
+        "checkpoint paths (no process group, no model), then exit 0 or 2",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
+
+
+def preflight(job, world_size: int) -> None:
+    """The checks that need no process group (ValueError): run before any rank starts work."""
+    from pathlib import Path
+
+    from megatron_opdlm.training import setup
+
+    setup.adopt_teacher_model_config(job)  # reads the teacher's opdlm_model.yaml
+    setup.check_job(job, world_size)  # includes: the layout divides the task count
+    for name in ("train_prompts", "eval_prompts"):
+        path = getattr(job.data, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"data.{name}={path!r} is not a file")
+    setup.resolve_resume(job)  # checkpoint.load, or save_dir/latest, must be a checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"checkpoint.load={args.load}")
     try:
         job = load_config(args.config, overrides)
-    except ValueError as exc:
-        log.error("bad config: %s", exc)
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        log.error("bad config %s: %s", args.config, " ".join(str(exc).split()))
         return 2
+    try:
+        preflight(job, distributed.read_launch_env().world_size)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.check:
+        log.info("config, layout and checkpoint paths are fine")
+        return 0
     distributed.initialize(job.parallel, seed=job.train.seed)
     from megatron_opdlm.training.preemption import EXIT_FINISHED, EXIT_RESUME
     from megatron_opdlm.training.resilience import NonFiniteError
