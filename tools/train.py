@@ -1,11 +1,21 @@
 """Train a block-diffusion student by OPDLM: `python tools/train.py --config FILE.yaml [k=v ...]`.
 
-`--help` lists every config field. See megatron_opdlm/training/cli.py for exit codes.
+`--help` lists every config field. Exit codes (megatron_opdlm/training/cli.py): 0 finished,
+1 non-finite value, 2 bad input, 3 stopped by a signal or the deadline after saving (run again).
 """
 
+import signal
 import sys
+import time
 
-from megatron_opdlm.training.cli import main
+# A stop signal that arrives while torch and Megatron are still importing (tens of seconds on a
+# busy node) must not kill the process: remember it; the trainer honours it at its first stop
+# point, like one that arrives later.
+early_signals: list[tuple[int, float]] = []
+for _sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_sig, lambda signum, frame: early_signals.append((signum, time.monotonic())))
+
+from megatron_opdlm.training.cli import main  # noqa: E402 (after the handlers, on purpose)
 
 if __name__ == "__main__":  # dist_checkpointing's save spawns a manager that re-imports __main__
-    sys.exit(main())
+    sys.exit(main(early_signals=early_signals))

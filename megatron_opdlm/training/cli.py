@@ -57,7 +57,9 @@ def preflight(job, world_size: int) -> None:
     setup.resolve_resume(job)  # checkpoint.load, or save_dir/latest, must be a checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early_signals: list | None = None) -> int:
+    """`early_signals`: (signum, time.monotonic()) of stop signals caught before the trainer
+    existed (tools/train.py installs a handler before importing torch)."""
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.load:
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             log.error("%s", exc)
             return 2
+        for signum, when in early_signals or []:
+            trainer.stop._handle(signum, None)  # now recorded by the trainer's own handler
+            trainer.stop.signal_time = min(trainer.stop.signal_time, when)
         try:
             result = trainer.train()
         except NonFiniteError as exc:

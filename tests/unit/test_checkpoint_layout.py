@@ -123,3 +123,29 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert megatron_to_hf_main(["--ckpt", str(out), "--out", str(tmp_path / "hf2"),
                                 "--no-progress"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["model_type"] == "mistral"
+
+
+def test_streaming_tensor_check_passes_and_catches_a_corrupted_tensor(tmp_path):
+    from megatron_opdlm.conversion.verify import verify_tensors_streaming
+
+    hf_dir = save_tiny_hf("llama", tmp_path / "hf")
+    # 4 KiB chunks: every tensor is read in several pieces (rows and layers), as at 70B.
+    convert_hf_to_megatron(hf_dir, tmp_path / "ckpt", max_chunk_mb=4 / 1024)
+    result = verify_tensors_streaming(hf_dir, tmp_path / "ckpt")
+    tensors = load_file(hf_dir / "model.safetensors")
+    assert result["passed"], result["mismatches"]
+    assert result["elements"] == sum(t.numel() for t in tensors.values())  # every HF element
+    # Memory bound: the largest piece held is a chunk, smaller than one layer's MLP weight.
+    assert (
+        result["largest_chunk_elements"]
+        <= 1024
+        < tensors["model.layers.0.mlp.up_proj.weight"].numel()
+    )
+    tensors["model.layers.2.mlp.down_proj.weight"][5, 7] += 1e-3  # one corrupted element
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    result = verify_tensors_streaming(hf_dir, tmp_path / "ckpt")
+    assert not result["passed"]
+    assert (
+        len(result["mismatches"]) == 1
+        and "model.layers.2.mlp.down_proj.weight" in result["mismatches"][0]
+    ), result["mismatches"]

@@ -68,6 +68,8 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 KillWait=5
 MinJobAge=600
 MailProg=/bin/true
+# SLURM_NODE_CPUS may exceed the real cores (overlapping test jobs): trust the config.
+SlurmdParameters=config_overrides
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF

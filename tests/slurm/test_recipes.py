@@ -1,0 +1,225 @@
+"""The recipes of examples/slurm under a real SLURM (a localhost cluster in CI, .ci/run).
+
+Every job is submitted at the start (one module fixture) so that their start-ups overlap; each
+test then follows its own jobs. 2-task CPU training (gloo) of a tiny converted model.
+- requeue: `scontrol requeue` mid-run; the job resumes from its checkpoint and ends with the
+  same student and optimizer tensors, bit for bit, as an uninterrupted job (restart count 1;
+  `sacct` needs slurmdbd, which the localhost cluster does not run: scontrol shows Restarts).
+- time limit: `--signal=TERM@60` with `--time=2:00`: the ranks save before the limit, exit 3,
+  the recipe requeues itself; the test then raises the rerun's limit (a busy CI machine may
+  need more than one 2-minute slot to start and finish) and the rerun finishes the run.
+- mid-rollout stop: TERM during a long rollout; time from signal to the ranks' exit is below
+  one rollout's length (both printed); a STOP file then ends the requeued chain with exit 0.
+- SIGKILL during a save (scancel --signal=KILL): `latest` still names a complete checkpoint.
+- convert -> train -> export chained with --dependency=afterok.
+- bad input: a missing checkpoint, an unreadable config, a layout that does not divide the task
+  count: exit 2 with one clear line, before any rank starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.slurm_utils import (
+    job_env,
+    log_text,
+    slurm_missing,
+    submit,
+    wait_final,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+if (reason := slurm_missing()) is not None:
+    pytestmark.append(pytest.mark.skip(reason=reason))
+
+STEPS = 30  # rollout steps of the requeue and chain runs (2 optimizer steps each)
+
+
+def _records(run: Path, kind: str = "train") -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+class Jobs:
+    """The jobs of this module, submitted together."""
+
+    def __init__(self, work: Path):
+        from megatron_opdlm.conversion.synthetic import save_tiny_hf
+        from tests.unit.test_training_support import write_prompts
+
+        self.work = work
+        save_tiny_hf("llama", work / "hf_tiny")
+        write_prompts(work / "prompts.jsonl", 64)
+        self.logs: dict[str, Path] = {}
+        self.ids: dict[str, str] = {}
+        self.t0 = time.monotonic()
+        self.ids["convert"] = self._submit("convert", "convert")
+        after = f"--dependency=afterok:{self.ids['convert']}"
+        steps = f"train.rollout_steps={STEPS}"
+        self.ids["reference"] = self._submit("train", "reference", after, RUN_DIR="reference",
+                                             EXTRA_OVERRIDES=steps)  # fmt: skip
+        self.ids["export"] = self._submit("export", "export",
+                                          f"--dependency=afterok:{self.ids['reference']}",
+                                          RUN_DIR="reference")  # fmt: skip
+        self.ids["requeue"] = self._submit("train", "requeue", after, RUN_DIR="requeue",
+                                           EXTRA_OVERRIDES=steps)  # fmt: skip
+        self.ids["timelimit"] = self._submit(
+            "train", "timelimit", after, "--time=2:00", "--signal=TERM@60",
+            RUN_DIR="timelimit", EXTRA_OVERRIDES="train.rollout_steps=150",
+        )  # fmt: skip
+        # Long rollouts: 240 new tokens in blocks of 4, no KV cache (each round is a full pass).
+        long_rollout = ("train.rollout_steps=40 rollout.max_new_tokens=240 "
+                        "rollout.use_kv_cache=false checkpoint.save_interval=1")  # fmt: skip
+        self.ids["midrollout"] = self._submit("train", "midrollout", after, RUN_DIR="midrollout",
+                                              EXTRA_OVERRIDES=long_rollout)  # fmt: skip
+        self.ids["sigkill"] = self._submit(
+            "train", "sigkill", after, RUN_DIR="sigkill",
+            EXTRA_OVERRIDES="train.rollout_steps=200 checkpoint.save_interval=1",
+        )  # fmt: skip
+        bad = {"PREFLIGHT": "1"}
+        missing = "checkpoint.teacher=/nonexistent/ckpt"
+        self.ids["bad_ckpt"] = self._submit("train", "bad_ckpt", RUN_DIR="bad_ckpt", **bad,
+                                            EXTRA_OVERRIDES=missing)  # fmt: skip
+        self.ids["bad_config"] = self._submit("train", "bad_config", RUN_DIR="bad_config",
+                                              CONFIG=str(work / "missing.yaml"), **bad)  # fmt: skip
+        self.ids["bad_layout"] = self._submit("train", "bad_layout", after, RUN_DIR="bad_layout",
+                                              EXTRA_OVERRIDES="parallel.tp=2", TASKS_PER_NODE="3",
+                                              **bad)  # fmt: skip
+
+    def _submit(self, recipe: str, name: str, *sbatch_args: str, **env: str) -> str:
+        if "RUN_DIR" in env:
+            env["RUN_DIR"] = str(self.work / env["RUN_DIR"])
+        if recipe == "export":
+            env["EXPORT_DIR"] = str(self.work / "exported")
+        log = self.work / f"{name}.log"
+        self.logs[name] = log
+        return submit(recipe, job_env(self.work, **env), log, f"--job-name={name}", *sbatch_args)
+
+    def run(self, name: str) -> Path:
+        return self.work / name
+
+    def final(self, name: str, timeout: float = 900) -> dict[str, str]:
+        info = wait_final(self.ids[name], self.logs[name], timeout)
+        print(f"{name}: {info.get('JobState')} exit {info.get('ExitCode')} restarts "
+              f"{info.get('Restarts')} after {time.monotonic() - self.t0:.0f} s")  # fmt: skip
+        return info
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("slurm_jobs")
+    submitted = Jobs(work)
+    yield submitted
+    for job in submitted.ids.values():
+        subprocess.run(["scancel", job], capture_output=True)
+
+
+def test_bad_input_exits_before_any_work(jobs):
+    expected = {
+        "bad_ckpt": r"/nonexistent/ckpt is not a megatron-opdlm checkpoint",
+        "bad_config": r"error: CONFIG='.*missing.yaml' .* is not a readable file",
+        "bad_layout": r"world size 3 is not divisible by parallel.tp=2",
+    }
+    for name, message in expected.items():
+        info = jobs.final(name)
+        text = log_text(jobs.logs[name])
+        assert info["ExitCode"] == "2:0", (name, text[-2000:])
+        assert re.search(message, text), (name, text[-2000:])
+        assert "[launch]" not in text, name  # no rank was started
+        assert "Traceback" not in text, name
+
+
+def test_convert_train_export_chain(jobs):
+    for name in ("convert", "reference", "export"):
+        info = jobs.final(name)
+        assert info["JobState"] == "COMPLETED", (name, log_text(jobs.logs[name])[-3000:])
+    assert (jobs.work / "teacher" / "opdlm_model.yaml").is_file()
+    assert len(_records(jobs.run("reference"))) == 2 * STEPS
+    exported = jobs.work / "exported"
+    assert (exported / "config.json").is_file() and list(exported.glob("*.safetensors"))
+
+
+def test_scontrol_requeue_resumes_bitwise(jobs):
+    from tests.unit.test_training_support import assert_checkpoints_equal
+
+    job, run = jobs.ids["requeue"], jobs.run("requeue")
+    wait_for(lambda: len(_records(run)) >= 8, 900, "the requeue job's 8th optimizer step")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    print(f"requeued at optimizer step {len(_records(run))}")
+    info = jobs.final("requeue")
+    text = log_text(jobs.logs["requeue"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert info["Restarts"] == "1", info
+    assert "stopped early (signal SIGTERM)" in text and "resumed from" in text, text[-3000:]
+    jobs.final("reference")
+    final = f"iter_{STEPS:07d}"
+    reference = jobs.run("reference") / "checkpoints" / final
+    assert_checkpoints_equal(reference, run / "checkpoints" / final)
+    want = [r["loss"] for r in _records(jobs.run("reference"))]
+    assert [r["loss"] for r in _records(run)] == want
+
+
+def test_time_limit_signal_saves_and_the_requeued_job_finishes(jobs):
+    job, log = jobs.ids["timelimit"], jobs.logs["timelimit"]
+    wait_for(lambda: "requeueing" in log_text(log), 900, "the time-limited job to requeue itself")
+    text = log_text(log)
+    assert "stopped early (signal SIGTERM)" in text and "exit code 3" in text, text[-3000:]
+    assert "signal to checkpoint on disk" in text, text[-3000:]
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15:00"], check=True)
+    info = jobs.final("timelimit")
+    text = log_text(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert info["Restarts"] == "1", info
+    assert [r["step"] for r in _records(jobs.run("timelimit"))] == list(range(1, 301))
+
+
+def test_stop_mid_rollout_is_fast_and_a_stop_file_ends_the_chain(jobs):
+    job, log, run = jobs.ids["midrollout"], jobs.logs["midrollout"], jobs.run("midrollout")
+    wait_for(lambda: len(_records(run)) >= 4, 900, "two rollout steps of the mid-rollout job")
+    rollout_seconds = max(r["time_rollout"] for r in _records(run))
+    records_before = len(_records(run))
+    time.sleep(rollout_seconds / 3)  # into the next rollout
+    start = time.monotonic()
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    wait_for(lambda: "ranks exited with 3" in log_text(log), 300, "the ranks to exit")
+    to_exit = time.monotonic() - start
+    text = log_text(log)
+    saved = float(re.search(r"signal to checkpoint on disk: ([\d.]+) s", text).group(1))
+    print(f"rollout step {rollout_seconds:.2f} s; signal -> checkpoint {saved:.2f} s, "
+          f"-> ranks exited {to_exit:.2f} s (polled)")  # fmt: skip
+    assert "rollout step" in text and "dropped" in text, text[-3000:]  # stopped in the rollout
+    assert len(_records(run)) == records_before  # no optimizer step after the signal
+    assert saved < rollout_seconds, (saved, rollout_seconds)
+    (run / "STOP").write_text("")
+    info = jobs.final("midrollout")
+    text = log_text(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert "STOP exists: the chain is over" in text, text[-3000:]
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(jobs):
+    from megatron_opdlm.training.checkpointing import resolve_training_checkpoint
+    from tests.unit.test_training_support import checkpoint_tensors
+
+    job, run = jobs.ids["sigkill"], jobs.run("sigkill")
+    save_dir = run / "checkpoints"
+    wait_for(lambda: (save_dir / "latest").is_file(), 900, "the first checkpoint")
+    in_flight = wait_for(lambda: list(save_dir.glob(".iter_*.tmp")), 300, "a save in flight",
+                         interval=0.005)  # fmt: skip
+    subprocess.run(["scancel", "--signal=KILL", job], check=True)
+    info = jobs.final("sigkill")
+    assert info["JobState"] in {"FAILED", "CANCELLED"}, info
+    left = sorted(p.name for p in save_dir.glob(".iter_*.tmp"))
+    print(f"killed while {in_flight[0].name} was being written; left behind: {left}")
+    ckpt = resolve_training_checkpoint(save_dir)  # `latest` names a complete checkpoint
+    for sub in ("model", "optimizer"):
+        assert checkpoint_tensors(ckpt / sub), sub
