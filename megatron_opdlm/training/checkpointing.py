@@ -160,6 +160,19 @@ def _optimizer_metadata(optimizer_format: str) -> dict[str, str]:
     return {"distrib_optim_sharding_type": optimizer_format}
 
 
+def _optimizer_has_state(optimizer) -> bool:
+    """False before the first optimizer step (same on every rank: they step together).
+
+    Such a checkpoint (a stop before any step) stores no optimizer state, and loading it keeps
+    the fresh optimizer: priming one to save it would count an Adam step the run never took.
+    """
+    from megatron_opdlm.training.optimizer import _inner_optimizers
+
+    return any(
+        len(getattr(inner, "optimizer", inner).state) for inner in _inner_optimizers(optimizer)
+    )
+
+
 class CheckpointWriter:
     """Saves training checkpoints, synchronously or with megatron-core's async strategy.
 
@@ -204,25 +217,32 @@ class CheckpointWriter:
         _agree_on_error(error)
         fmt = job.checkpoint.optimizer_format
         model_state = model_sharded_state_dict(chunks)
-        optimizer_state = optimizer.sharded_state_dict(
-            model_sharded_state_dict(chunks), metadata=_optimizer_metadata(fmt)
-        )
+        has_state = _optimizer_has_state(optimizer)
+        optimizer_state = None
+        if has_state:
+            optimizer_state = optimizer.sharded_state_dict(
+                model_sharded_state_dict(chunks), metadata=_optimizer_metadata(fmt)
+            )
         if partial_rollout is not None:
             torch.save(partial_rollout, tmp / ROLLOUT_DIR / f"rank_{_rank()}.pt")
         torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{_rank()}.pt")
         state = {**trainer_state, "rollout_step": rollout_step, "within_step": within_step,
-                 "layout": layout_signature(job), "optimizer_format": fmt}  # fmt: skip
+                 "layout": layout_signature(job), "optimizer_format": fmt,
+                 "optimizer_saved": has_state}  # fmt: skip
         self._pending = {"tmp": tmp, "final": final, "job": job, "state": state}
+        parts = [(model_state, MODEL_DIR)]
+        if optimizer_state is not None:
+            parts.append((optimizer_state, OPTIMIZER_DIR))
         if not self.async_save:
-            dist_checkpointing.save(model_state, str(tmp / MODEL_DIR))
-            dist_checkpointing.save(optimizer_state, str(tmp / OPTIMIZER_DIR))
+            for state_dict, sub in parts:
+                dist_checkpointing.save(state_dict, str(tmp / sub))
             self._complete()
             return final
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         if self._queue is None:
             self._queue = AsyncCallsQueue(persistent=False)
-        for state_dict, sub in ((model_state, MODEL_DIR), (optimizer_state, OPTIMIZER_DIR)):
+        for state_dict, sub in parts:
             # "mcore": megatron-core's own forked writer; "nvrx" needs nvidia-resiliency-ext.
             request = dist_checkpointing.save(
                 state_dict, str(tmp / sub), async_sharded_save=True, async_strategy="mcore"
@@ -322,6 +342,7 @@ def check_resume_layout(ckpt: Path, job: JobConfig) -> None:
     same_model_parallel = model_parallel == {k: here[k] for k in ("tp", "pp", "vpp")}
     fmt = state.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
     sharded = fmt == "dp_reshardable" and job.parallel.use_distributed_optimizer
+    sharded = sharded and state.get("optimizer_saved", True)
     if sharded and not same_model_parallel:
         raise ValueError(
             f"{ckpt} holds the distributed optimizer in dp_reshardable format, saved at "
@@ -348,12 +369,15 @@ def load_checkpoint(path: str | Path, chunks, optimizer, job: JobConfig) -> dict
     state = read_trainer_state(ckpt)
     checkpoint_layout.load_model_checkpoint(chunks, ckpt)
     fmt = state.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
-    optimizer_template = optimizer.sharded_state_dict(
-        model_sharded_state_dict(chunks), is_loading=True, metadata=_optimizer_metadata(fmt)
-    )
-    optimizer.load_state_dict(
-        dist_checkpointing.load(optimizer_template, str(ckpt / OPTIMIZER_DIR))
-    )
+    if state.get("optimizer_saved", True):
+        optimizer_template = optimizer.sharded_state_dict(
+            model_sharded_state_dict(chunks), is_loading=True, metadata=_optimizer_metadata(fmt)
+        )
+        optimizer.load_state_dict(
+            dist_checkpointing.load(optimizer_template, str(ckpt / OPTIMIZER_DIR))
+        )
+    else:
+        log.info("%s was saved before the first optimizer step: the optimizer starts fresh", ckpt)
     rng_file = ckpt / RNG_DIR / f"rank_{_rank()}.pt"
     if state.get("layout") == layout_signature(job) and rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))

@@ -105,3 +105,21 @@ def test_a_stop_file_ends_the_run_as_finished(single_process, tmp_path):
     result = trainer.train()
     assert result.stopped_early.startswith("STOP file") and not result.resumable
     assert (tmp_path / "stopped" / "ckpt" / "latest").read_text().strip() == "iter_0000000"
+
+
+def test_a_stop_before_the_first_optimizer_step_resumes_exactly(single_process, tmp_path):
+    """The distributed optimizer has no state to save yet (megatron's state_dict asserts on it):
+    the checkpoint stores none and the resumed run starts the optimizer fresh, as it was."""
+    from megatron_opdlm.training.trainer import Trainer
+
+    dist_opt = ("parallel.use_distributed_optimizer=true", "train.rollout_steps=2")
+    straight = Trainer(_job(tmp_path, "straight", *dist_opt)).train()
+    first, sent = Trainer(_job(tmp_path, "early", *dist_opt)), []
+    _signal_before_block(first, 0, 0, sent)
+    stopped = first.train()
+    assert sent and stopped.optimizer_step == 0 and stopped.checkpoint.endswith("iter_0000000")
+    resumed = Trainer(_job(tmp_path, "early", *dist_opt)).train()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    final = "iter_0000002"
+    assert_checkpoints_equal(tmp_path / "straight" / "ckpt" / final,
+                             tmp_path / "early" / "ckpt" / final)  # fmt: skip
