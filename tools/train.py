@@ -15,7 +15,9 @@ early_signals: list[tuple[int, float]] = []
 for _sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(_sig, lambda signum, frame: early_signals.append((signum, time.monotonic())))
 
-from megatron_opdlm.training.cli import main  # noqa: E402 (after the handlers, on purpose)
+if __name__ == "__main__":
+    # Imported here, not at the top: dist_checkpointing's save starts a multiprocessing manager
+    # by spawn, which re-imports this file; without torch and Megatron it is up in a moment.
+    from megatron_opdlm.training.cli import main
 
-if __name__ == "__main__":  # dist_checkpointing's save spawns a manager that re-imports __main__
     sys.exit(main(early_signals=early_signals))

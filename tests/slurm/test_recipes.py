@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,12 @@ if (reason := slurm_missing()) is not None:
     pytestmark.append(pytest.mark.skip(reason=reason))
 
 STEPS = 30  # rollout steps of the requeue and chain runs (2 optimizer steps each)
+
+
+def _steps_logged(log: Path) -> list[tuple[int, float]]:
+    """(optimizer step, rollout seconds) of the step lines in a job log (written live)."""
+    found = re.findall(r"step (\d+)/\d+ \|.*?time rollout ([\d.]+)s", log_text(log))
+    return [(int(step), float(seconds)) for step, seconds in found]
 
 
 def _records(run: Path, kind: str = "train") -> list[dict]:
@@ -95,6 +102,31 @@ class Jobs:
                                               EXTRA_OVERRIDES="parallel.tp=2", TASKS_PER_NODE="3",
                                               **bad)  # fmt: skip
 
+        # Each interaction with a running job runs in its own thread from now on (the jobs run
+        # at the same time; a test that waited its turn would find its job finished).
+        self.results: dict[str, dict] = {}
+        self.threads = {
+            name: threading.Thread(target=self._act, args=(name, action), daemon=True)
+            for name, action in (("requeue", _requeue_mid_run), ("timelimit", _extend_rerun),
+                                 ("midrollout", _signal_mid_rollout),
+                                 ("sigkill", _kill_during_save))
+        }  # fmt: skip
+        for thread in self.threads.values():
+            thread.start()
+
+    def _act(self, name: str, action) -> None:
+        try:
+            self.results[name] = action(self, name)
+        except BaseException as exc:  # reported by the test of this job
+            self.results[name] = {"error": exc}
+
+    def outcome(self, name: str, timeout: float = 900) -> dict:
+        self.threads[name].join(timeout)
+        result = self.results.get(name, {"error": AssertionError(f"{name}: no result")})
+        if "error" in result:
+            raise result["error"]
+        return result
+
     def _submit(self, recipe: str, name: str, *sbatch_args: str, **env: str) -> str:
         if "RUN_DIR" in env:
             env["RUN_DIR"] = str(self.work / env["RUN_DIR"])
@@ -114,6 +146,46 @@ class Jobs:
         return info
 
 
+def _requeue_mid_run(jobs: Jobs, name: str) -> dict:
+    log = jobs.logs[name]
+    wait_for(lambda: len(_steps_logged(log)) >= 8, 900, "the requeue job's 8th optimizer step")
+    subprocess.run(["scontrol", "requeue", jobs.ids[name]], check=True)
+    return {"requeued_after": _steps_logged(log)[-1][0]}
+
+
+def _extend_rerun(jobs: Jobs, name: str) -> dict:
+    log = jobs.logs[name]
+    wait_for(lambda: "requeueing" in log_text(log), 900, "the time-limited job to requeue itself")
+    first_run = log_text(log)
+    subprocess.run(["scontrol", "update", f"JobId={jobs.ids[name]}", "TimeLimit=15:00"],
+                   check=True)  # fmt: skip
+    return {"first_run": first_run}
+
+
+def _signal_mid_rollout(jobs: Jobs, name: str) -> dict:
+    log, run = jobs.logs[name], jobs.run(name)
+    wait_for(lambda: len(_steps_logged(log)) >= 4, 900, "two rollout steps of the mid-rollout job")
+    rollout_seconds = min(seconds for _, seconds in _steps_logged(log) if seconds > 0)
+    steps_before = len(_steps_logged(log))
+    time.sleep(rollout_seconds / 3)  # into the next rollout
+    start = time.monotonic()
+    subprocess.run(["scancel", "--signal=TERM", jobs.ids[name]], check=True)
+    wait_for(lambda: "ranks exited with" in log_text(log), 300, "the ranks to exit")
+    to_exit = time.monotonic() - start
+    (run / "STOP").write_text("")  # the requeued job must end the chain
+    return {"rollout_seconds": rollout_seconds, "to_exit": to_exit, "steps_before": steps_before,
+            "steps_after": len(_steps_logged(log)), "first_run": log_text(log)}  # fmt: skip
+
+
+def _kill_during_save(jobs: Jobs, name: str) -> dict:
+    save_dir = jobs.run(name) / "checkpoints"
+    wait_for(lambda: (save_dir / "latest").is_file(), 900, "the first checkpoint")
+    in_flight = wait_for(lambda: list(save_dir.glob(".iter_*.tmp")), 300, "a save in flight",
+                         interval=0.005)  # fmt: skip
+    subprocess.run(["scancel", "--signal=KILL", jobs.ids[name]], check=True)
+    return {"in_flight": in_flight[0].name}
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm_jobs")
@@ -123,6 +195,68 @@ def jobs(tmp_path_factory):
         subprocess.run(["scancel", job], capture_output=True)
 
 
+def test_scontrol_requeue_resumes_bitwise(jobs):
+    from tests.unit.test_training_support import assert_checkpoints_equal
+
+    acted = jobs.outcome("requeue")
+    print(f"requeued after optimizer step {acted['requeued_after']} of {2 * STEPS}")
+    info = jobs.final("requeue")
+    text = log_text(jobs.logs["requeue"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert info["Restarts"] == "1", info
+    assert "stopped early (signal SIGTERM)" in text and "resumed from" in text, text[-3000:]
+    jobs.final("reference")
+    final = f"iter_{STEPS:07d}"
+    run = jobs.run("requeue")
+    assert_checkpoints_equal(jobs.run("reference") / "checkpoints" / final,
+                             run / "checkpoints" / final)  # fmt: skip
+    want = [r["loss"] for r in _records(jobs.run("reference"))]
+    assert [r["loss"] for r in _records(run)] == want
+
+
+def test_time_limit_signal_saves_and_the_requeued_job_finishes(jobs):
+    first_run = jobs.outcome("timelimit")["first_run"]
+    assert "stopped early (signal SIGTERM)" in first_run, first_run[-3000:]
+    assert "exit code 3" in first_run and "signal to checkpoint on disk" in first_run
+    info = jobs.final("timelimit")
+    text = log_text(jobs.logs["timelimit"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert info["Restarts"] == "1", info
+    assert [r["step"] for r in _records(jobs.run("timelimit"))] == list(range(1, 301))
+
+
+def test_stop_mid_rollout_is_fast_and_a_stop_file_ends_the_chain(jobs):
+    acted = jobs.outcome("midrollout")
+    text = acted["first_run"]
+    assert "ranks exited with 3" in text, text[-3000:]
+    saved = float(re.search(r"signal to checkpoint on disk: ([\d.]+) s", text).group(1))
+    print(f"rollout {acted['rollout_seconds']:.2f} s; signal -> checkpoint on disk {saved:.2f} s,"
+          f" -> ranks exited {acted['to_exit']:.2f} s (seen in the log)")  # fmt: skip
+    assert re.search(r"rollout step \d+ dropped", text), text[-3000:]  # stopped in the rollout
+    assert acted["steps_after"] == acted["steps_before"]  # no optimizer step after the signal
+    assert acted["to_exit"] < acted["rollout_seconds"], acted
+    info = jobs.final("midrollout")
+    text = log_text(jobs.logs["midrollout"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert "STOP exists: the chain is over" in text, text[-3000:]
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(jobs):
+    from megatron_opdlm.training.checkpointing import resolve_training_checkpoint
+    from tests.unit.test_training_support import checkpoint_tensors
+
+    acted = jobs.outcome("sigkill")
+    info = jobs.final("sigkill")
+    assert info["JobState"] in {"FAILED", "CANCELLED"}, info
+    save_dir = jobs.run("sigkill") / "checkpoints"
+    left = sorted(p.name for p in save_dir.glob(".iter_*.tmp"))
+    print(f"killed while {acted['in_flight']} was being written; left behind: {left}")
+    ckpt = resolve_training_checkpoint(save_dir)  # `latest` names a complete checkpoint
+    for sub in ("model", "optimizer"):
+        assert checkpoint_tensors(ckpt / sub), sub
+
+
+# These only wait for their jobs: last, after the tests that act on running jobs.
 def test_bad_input_exits_before_any_work(jobs):
     expected = {
         "bad_ckpt": r"/nonexistent/ckpt is not a megatron-opdlm checkpoint",
@@ -146,80 +280,3 @@ def test_convert_train_export_chain(jobs):
     assert len(_records(jobs.run("reference"))) == 2 * STEPS
     exported = jobs.work / "exported"
     assert (exported / "config.json").is_file() and list(exported.glob("*.safetensors"))
-
-
-def test_scontrol_requeue_resumes_bitwise(jobs):
-    from tests.unit.test_training_support import assert_checkpoints_equal
-
-    job, run = jobs.ids["requeue"], jobs.run("requeue")
-    wait_for(lambda: len(_records(run)) >= 8, 900, "the requeue job's 8th optimizer step")
-    subprocess.run(["scontrol", "requeue", job], check=True)
-    print(f"requeued at optimizer step {len(_records(run))}")
-    info = jobs.final("requeue")
-    text = log_text(jobs.logs["requeue"])
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert info["Restarts"] == "1", info
-    assert "stopped early (signal SIGTERM)" in text and "resumed from" in text, text[-3000:]
-    jobs.final("reference")
-    final = f"iter_{STEPS:07d}"
-    reference = jobs.run("reference") / "checkpoints" / final
-    assert_checkpoints_equal(reference, run / "checkpoints" / final)
-    want = [r["loss"] for r in _records(jobs.run("reference"))]
-    assert [r["loss"] for r in _records(run)] == want
-
-
-def test_time_limit_signal_saves_and_the_requeued_job_finishes(jobs):
-    job, log = jobs.ids["timelimit"], jobs.logs["timelimit"]
-    wait_for(lambda: "requeueing" in log_text(log), 900, "the time-limited job to requeue itself")
-    text = log_text(log)
-    assert "stopped early (signal SIGTERM)" in text and "exit code 3" in text, text[-3000:]
-    assert "signal to checkpoint on disk" in text, text[-3000:]
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15:00"], check=True)
-    info = jobs.final("timelimit")
-    text = log_text(log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert info["Restarts"] == "1", info
-    assert [r["step"] for r in _records(jobs.run("timelimit"))] == list(range(1, 301))
-
-
-def test_stop_mid_rollout_is_fast_and_a_stop_file_ends_the_chain(jobs):
-    job, log, run = jobs.ids["midrollout"], jobs.logs["midrollout"], jobs.run("midrollout")
-    wait_for(lambda: len(_records(run)) >= 4, 900, "two rollout steps of the mid-rollout job")
-    rollout_seconds = max(r["time_rollout"] for r in _records(run))
-    records_before = len(_records(run))
-    time.sleep(rollout_seconds / 3)  # into the next rollout
-    start = time.monotonic()
-    subprocess.run(["scancel", "--signal=TERM", job], check=True)
-    wait_for(lambda: "ranks exited with 3" in log_text(log), 300, "the ranks to exit")
-    to_exit = time.monotonic() - start
-    text = log_text(log)
-    saved = float(re.search(r"signal to checkpoint on disk: ([\d.]+) s", text).group(1))
-    print(f"rollout step {rollout_seconds:.2f} s; signal -> checkpoint {saved:.2f} s, "
-          f"-> ranks exited {to_exit:.2f} s (polled)")  # fmt: skip
-    assert "rollout step" in text and "dropped" in text, text[-3000:]  # stopped in the rollout
-    assert len(_records(run)) == records_before  # no optimizer step after the signal
-    assert saved < rollout_seconds, (saved, rollout_seconds)
-    (run / "STOP").write_text("")
-    info = jobs.final("midrollout")
-    text = log_text(log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert "STOP exists: the chain is over" in text, text[-3000:]
-
-
-def test_sigkill_during_a_save_keeps_the_previous_checkpoint(jobs):
-    from megatron_opdlm.training.checkpointing import resolve_training_checkpoint
-    from tests.unit.test_training_support import checkpoint_tensors
-
-    job, run = jobs.ids["sigkill"], jobs.run("sigkill")
-    save_dir = run / "checkpoints"
-    wait_for(lambda: (save_dir / "latest").is_file(), 900, "the first checkpoint")
-    in_flight = wait_for(lambda: list(save_dir.glob(".iter_*.tmp")), 300, "a save in flight",
-                         interval=0.005)  # fmt: skip
-    subprocess.run(["scancel", "--signal=KILL", job], check=True)
-    info = jobs.final("sigkill")
-    assert info["JobState"] in {"FAILED", "CANCELLED"}, info
-    left = sorted(p.name for p in save_dir.glob(".iter_*.tmp"))
-    print(f"killed while {in_flight[0].name} was being written; left behind: {left}")
-    ckpt = resolve_training_checkpoint(save_dir)  # `latest` names a complete checkpoint
-    for sub in ("model", "optimizer"):
-        assert checkpoint_tensors(ckpt / sub), sub
