@@ -266,10 +266,15 @@ class CheckpointWriter:
             self._queue.maybe_finalize_async_calls(blocking=True)
         self._complete()
 
-    def close(self) -> None:
-        self.finalize()
+    def close(self, abort: bool = False) -> None:
+        """Complete the save in flight (collective); `abort` (an error is unwinding, maybe on
+        one rank only) drops it instead: its `.tmp` directory is removed by the next save."""
+        if abort:
+            self._pending = None
+        else:
+            self.finalize()
         if self._queue is not None:
-            self._queue.close()
+            self._queue.close(abort=abort)
             self._queue = None
 
     def _complete(self) -> None:

@@ -13,6 +13,7 @@ consistent state is then saved and the run exits with EXIT_RESUME (or EXIT_FINIS
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,7 +354,8 @@ class Trainer:
                 if since is not None and result.checkpoint is not None:
                     log.info("signal to checkpoint on disk: %.2f s (%s)", since, result.checkpoint)
         finally:
-            self.writer.close()  # an async save in flight is completed before exit
+            # An async save in flight is completed before exit (dropped if an error unwinds).
+            self.writer.close(abort=sys.exc_info()[0] is not None)
             stop.uninstall()
             self.logger.close()
         result.rollout_step, result.optimizer_step = self.rollout_step, self.optimizer_step

@@ -60,12 +60,17 @@ class Jobs:
     """The jobs of this module, submitted together."""
 
     def __init__(self, work: Path):
+        from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
         from megatron_opdlm.conversion.synthetic import save_tiny_hf
         from tests.unit.test_training_support import write_prompts
 
         self.work = work
         save_tiny_hf("llama", work / "hf_tiny")
         write_prompts(work / "prompts.jsonl", 64)
+        # The SIGKILL job saves a larger model (~17M parameters, ~0.3 GB with Adam states per
+        # checkpoint) so that a save lasts long enough for the kill to land inside it.
+        save_tiny_hf("llama", work / "hf_big", hidden_size=512, intermediate_size=2048)
+        convert_hf_to_megatron(work / "hf_big", work / "teacher_big")
         self.logs: dict[str, Path] = {}
         self.ids: dict[str, str] = {}
         self.t0 = time.monotonic()
@@ -90,7 +95,8 @@ class Jobs:
                                               EXTRA_OVERRIDES=long_rollout)  # fmt: skip
         self.ids["sigkill"] = self._submit(
             "train", "sigkill", after, RUN_DIR="sigkill",
-            EXTRA_OVERRIDES="train.rollout_steps=200 checkpoint.save_interval=1",
+            EXTRA_OVERRIDES=f"train.rollout_steps=40 checkpoint.save_interval=1 "
+            f"checkpoint.teacher={work / 'teacher_big'}",
         )  # fmt: skip
         bad = {"PREFLIGHT": "1"}
         missing = "checkpoint.teacher=/nonexistent/ckpt"
@@ -166,14 +172,13 @@ def _signal_mid_rollout(jobs: Jobs, name: str) -> dict:
     log, run = jobs.logs[name], jobs.run(name)
     wait_for(lambda: len(_steps_logged(log)) >= 4, 900, "two rollout steps of the mid-rollout job")
     rollout_seconds = min(seconds for _, seconds in _steps_logged(log) if seconds > 0)
-    steps_before = len(_steps_logged(log))
-    time.sleep(rollout_seconds / 3)  # into the next rollout
+    time.sleep(rollout_seconds / 3)  # into a rollout (optimizer steps take a fraction of it)
     start = time.monotonic()
     subprocess.run(["scancel", "--signal=TERM", jobs.ids[name]], check=True)
     wait_for(lambda: "ranks exited with" in log_text(log), 300, "the ranks to exit")
     to_exit = time.monotonic() - start
     (run / "STOP").write_text("")  # the requeued job must end the chain
-    return {"rollout_seconds": rollout_seconds, "to_exit": to_exit, "steps_before": steps_before,
+    return {"rollout_seconds": rollout_seconds, "to_exit": to_exit,
             "steps_after": len(_steps_logged(log)), "first_run": log_text(log)}  # fmt: skip
 
 
@@ -232,8 +237,9 @@ def test_stop_mid_rollout_is_fast_and_a_stop_file_ends_the_chain(jobs):
     saved = float(re.search(r"signal to checkpoint on disk: ([\d.]+) s", text).group(1))
     print(f"rollout {acted['rollout_seconds']:.2f} s; signal -> checkpoint on disk {saved:.2f} s,"
           f" -> ranks exited {acted['to_exit']:.2f} s (seen in the log)")  # fmt: skip
-    assert re.search(r"rollout step \d+ dropped", text), text[-3000:]  # stopped in the rollout
-    assert acted["steps_after"] == acted["steps_before"]  # no optimizer step after the signal
+    dropped = re.search(r"rollout step (\d+) dropped", text)  # stopped inside a rollout
+    assert dropped, text[-3000:]
+    assert acted["steps_after"] == 2 * int(dropped.group(1))  # no optimizer step of that step
     assert acted["to_exit"] < acted["rollout_seconds"], acted
     info = jobs.final("midrollout")
     text = log_text(jobs.logs["midrollout"])
@@ -251,6 +257,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(jobs):
     save_dir = jobs.run("sigkill") / "checkpoints"
     left = sorted(p.name for p in save_dir.glob(".iter_*.tmp"))
     print(f"killed while {acted['in_flight']} was being written; left behind: {left}")
+    assert left, "the kill landed after the save completed: nothing was interrupted"
     ckpt = resolve_training_checkpoint(save_dir)  # `latest` names a complete checkpoint
     for sub in ("model", "optimizer"):
         assert checkpoint_tensors(ckpt / sub), sub
