@@ -33,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,12 @@ class CheckpointWriter:
         self.async_save = async_save
         self._queue = None
         self._pending: dict[str, Any] | None = None  # what completing the save in flight needs
+        self._pruner: threading.Thread | None = None  # rank 0: deletes checkpoints past keep_last
+
+    def _join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
 
     def save(
         self,
@@ -276,6 +283,7 @@ class CheckpointWriter:
         if self._queue is not None:
             self._queue.close(abort=abort)
             self._queue = None
+        self._join_pruner()
 
     def _complete(self) -> None:
         pending, self._pending = self._pending, None
@@ -300,8 +308,14 @@ class CheckpointWriter:
             _fsync_dir(save_dir)
             if old.exists():
                 shutil.rmtree(old)
-            _prune(save_dir, job.checkpoint.keep_last, keep=final.name)
             log.info("saved checkpoint %s", final)
+            # Deleting old checkpoints (minutes at 70B on a parallel file system) must not hold
+            # every rank at the barrier: a thread does it while training goes on.
+            self._join_pruner()
+            self._pruner = threading.Thread(
+                target=_prune, args=(save_dir, job.checkpoint.keep_last, final.name)
+            )
+            self._pruner.start()
         collectives.barrier()
 
 
@@ -316,9 +330,11 @@ def save_checkpoint(
     partial_rollout: Any = None,
 ) -> Path:
     """Synchronous save of one iteration (CheckpointWriter without async); collective."""
-    return CheckpointWriter(async_save=False).save(save_dir, rollout_step, chunks, optimizer,
-                                                   trainer_state, job, within_step,
-                                                   partial_rollout)  # fmt: skip
+    writer = CheckpointWriter(async_save=False)
+    path = writer.save(save_dir, rollout_step, chunks, optimizer, trainer_state, job,
+                       within_step, partial_rollout)  # fmt: skip
+    writer.close()
+    return path
 
 
 def _copy_tokenizer(job: JobConfig, ckpt: Path) -> None:
