@@ -5,9 +5,11 @@ test then follows its own jobs. 2-task CPU training (gloo) of a tiny converted m
 - requeue: `scontrol requeue` mid-run; the job resumes from its checkpoint and ends with the
   same student and optimizer tensors, bit for bit, as an uninterrupted job (restart count 1;
   `sacct` needs slurmdbd, which the localhost cluster does not run: scontrol shows Restarts).
-- time limit: `--signal=TERM@60` with `--time=2:00`: the ranks save before the limit, exit 3,
-  the recipe requeues itself; the test then raises the rerun's limit (a busy CI machine may
-  need more than one 2-minute slot to start and finish) and the rerun finishes the run.
+- time limit: `--signal=TERM@120` with `--time=3:00` (SLURM may signal up to a minute early;
+  the lead leaves a start-up on a loaded 2-core machine time to reach its first stop point): the
+  ranks save before the limit, exit 3, the recipe requeues itself; the test then raises the
+  rerun's limit (a busy machine may need more than one slot to start and finish) and the rerun
+  finishes the run.
 - mid-rollout stop: TERM during a long rollout; time from signal to the ranks' exit is below
   one rollout's length (both printed); a STOP file then ends the requeued chain with exit 0.
 - SIGKILL during a save (scancel --signal=KILL): `latest` still names a complete checkpoint.
@@ -85,7 +87,7 @@ class Jobs:
         self.ids["requeue"] = self._submit("train", "requeue", after, RUN_DIR="requeue",
                                            EXTRA_OVERRIDES=steps)  # fmt: skip
         self.ids["timelimit"] = self._submit(
-            "train", "timelimit", after, "--time=2:00", "--signal=TERM@60",
+            "train", "timelimit", after, "--time=3:00", "--signal=TERM@120",
             RUN_DIR="timelimit", EXTRA_OVERRIDES="train.rollout_steps=150",
         )  # fmt: skip
         # Long rollouts: 240 new tokens in blocks of 4, no KV cache (each round is a full pass).
