@@ -38,6 +38,8 @@ COPY examples ./examples
 
 # `--target test`: the fast tests, run inside the build (a failing test fails the build).
 FROM runtime AS test
+ARG PIP_CERT
+ARG PIP_BREAK_SYSTEM_PACKAGES
 COPY tests ./tests
 RUN python3 -m pip install -c /etc/opdlm-constraints.txt -e ".[dev]"
 RUN OMP_NUM_THREADS=1 python3 -m pytest tests -m "not slow" -q -x -p no:cacheprovider
