@@ -65,6 +65,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 def wait_final(job: str, log: Path, timeout: float = 600) -> dict[str, str]:
     def final():
         info = job_info(job)
+        if "JobState" not in info:  # purged (MinJobAge) or never existed: no use waiting
+            raise AssertionError(f"SLURM no longer knows job {job}")
         return info if info.get("JobState") in FINAL_STATES else None
 
     try:

@@ -66,7 +66,7 @@ ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 KillWait=5
-MinJobAge=600
+MinJobAge=3600
 MailProg=/bin/true
 # SLURM_NODE_CPUS may exceed the real cores (overlapping test jobs): trust the config.
 SlurmdParameters=config_overrides
