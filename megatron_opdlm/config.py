@@ -358,10 +358,28 @@ class CheckpointConfig:
     load: str | None = doc(None, "resume from this checkpoint directory")
     save_interval: int = doc(0, "rollout steps between checkpoints; 0 = only at the end")
     keep_last: int = doc(2, "checkpoints kept (older ones deleted after a newer one is complete)")
+    save_interval_minutes: float = doc(
+        0.0, "also save when this much wall time passed since the last save; 0 = off"
+    )
+    optimizer_format: str = doc(
+        "dp_reshardable",
+        "distributed-optimizer checkpoint format: dp_reshardable (each rank writes its shard, "
+        "loads at another DP size) or fully_reshardable (gathered at save, loads at any layout)",
+    )
+    async_save: bool = doc(False, "write routine checkpoints in the background (megatron-core)")
 
     def validate(self) -> None:
         if self.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        if self.save_interval_minutes < 0:
+            raise ValueError(
+                f"checkpoint.save_interval_minutes={self.save_interval_minutes} must be >= 0"
+            )
+        formats = ("dp_reshardable", "fully_reshardable")
+        if self.optimizer_format not in formats:
+            raise ValueError(
+                f"checkpoint.optimizer_format={self.optimizer_format!r} must be one of {formats}"
+            )
 
 
 @dataclass

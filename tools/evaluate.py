@@ -130,8 +130,8 @@ def evaluate(args, models: dict[str, str], tokens: dict[str, int]) -> tuple[dict
     """(the result, whether this process prints it)."""
     import torch
 
+    from megatron_opdlm.checkpoint_layout import TOKENIZER_DIR, resolve_checkpoint_dir
     from megatron_opdlm.config import DiffusionConfig, ParallelConfig, PrecisionConfig
-    from megatron_opdlm.conversion.checkpoint_io import TOKENIZER_DIR, resolve_checkpoint_dir
     from megatron_opdlm.data.tokenizer import load_tokenizer
     from megatron_opdlm.evaluation import inputs
     from megatron_opdlm.evaluation.evaluator import EvalSettings, evaluate_model

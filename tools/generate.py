@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.core import parallel_state
 
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         TOKENIZER_DIR,
         load_model_checkpoint,
         read_model_meta,

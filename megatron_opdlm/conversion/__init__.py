@@ -1,6 +1,6 @@
-"""Hugging Face <-> Megatron checkpoint conversion and the project's checkpoint directory format.
+"""Hugging Face <-> Megatron checkpoint conversion (the checkpoint directory format itself lives
+in megatron_opdlm/checkpoint_layout.py; checkpoint_io is an alias of it).
 
-checkpoint_io    save/load model chunks (any TP/PP/VPP), read a checkpoint's configs
 hf_config        config.json <-> ModelConfig / DiffusionConfig, supported families
 families         per-family tensor mappings (data); mappings: the mapping kinds
 hf_to_megatron   streaming HF safetensors -> torch_dist writer (memory: one chunk)

@@ -71,8 +71,14 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="compare logits with transformers afterwards (loads both models)",
+        help="check every stored tensor against the HF rows, streaming (memory: one chunk), "
+        "then compare logits with transformers if the model is small enough",
     )
+    parser.add_argument(
+        "--verify-logits-max-gb", type=float, default=8.0,
+        help="largest fp32 model size (GiB) for the logits comparison of --verify (it loads "
+        "both models whole); larger models get the streaming tensor check only",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)  # fmt: skip
     from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
@@ -89,12 +95,27 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
     print(f"wrote {result['out']} ({mib:.1f} MiB, {mib / max(result['seconds'], 1e-9):.0f} MiB/s)")
     if not args.verify:
         return 0
-    from megatron_opdlm.conversion.verify import verify_conversion
+    from megatron_opdlm.conversion.verify import (
+        model_fp32_gib,
+        verify_conversion,
+        verify_tensors_streaming,
+    )
 
+    tensors = verify_tensors_streaming(args.hf_dir, args.out)
+    print(f"tensor check (streaming, largest chunk {tensors['largest_chunk_elements']} elements): "
+          f"{tensors['elements']} elements, {'PASS' if tensors['passed'] else 'FAIL'}")  # fmt: skip
+    for line in tensors["mismatches"]:
+        print(f"  mismatch: {line}")
+    size = model_fp32_gib(args.out)
+    if size > args.verify_logits_max_gb:
+        limit = args.verify_logits_max_gb
+        print(f"logits check skipped: the model is {size:.1f} GiB in fp32 (> "
+              f"--verify-logits-max-gb {limit:g}; it loads both models whole)")  # fmt: skip
+        return 0 if tensors["passed"] else 1
     with torch.no_grad():  # scoped: main() is also called in-process (tests, the demo)
         metrics = verify_conversion(args.hf_dir, args.out)
     _print_metrics(metrics)
-    return 0 if metrics["passed"] else 1
+    return 0 if metrics["passed"] and tensors["passed"] else 1
 
 
 def megatron_to_hf_main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_opdlm import checkpoint_layout
 from megatron_opdlm.config import ModelConfig, ParallelConfig, validate_layout
-from megatron_opdlm.conversion import checkpoint_io
 from megatron_opdlm.conversion.dist_writer import LazyTensor, sharded_object, write_torch_dist
 from megatron_opdlm.conversion.families import (
     EXTRA_STATE_MODULES,
@@ -268,11 +268,11 @@ def convert_hf_to_megatron(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         bar = _progress(total, progress)
-        write_torch_dist(state, tmp / checkpoint_io.MODEL_DIR, on_chunk=bar.update)
+        write_torch_dist(state, tmp / checkpoint_layout.MODEL_DIR, on_chunk=bar.update)
         bar.close()
-    checkpoint_io.write_model_meta(tmp, model_cfg, diffusion_cfg)
+    checkpoint_layout.write_model_meta(tmp, model_cfg, diffusion_cfg)
     try:
-        checkpoint_io.copy_tokenizer(hf_dir, tmp / checkpoint_io.TOKENIZER_DIR)
+        checkpoint_layout.copy_tokenizer(hf_dir, tmp / checkpoint_layout.TOKENIZER_DIR)
     except ValueError as exc:
         log.warning("%s: the checkpoint has no tokenizer/ directory", exc)
     tmp.rename(out_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_opdlm.conversion import checkpoint_io
+from megatron_opdlm import checkpoint_layout
 from megatron_opdlm.conversion.dist_reader import DistCheckpointReader
 from megatron_opdlm.conversion.families import mappings_for
 from megatron_opdlm.conversion.hf_config import export_vocab_rows, hf_config_from_model
@@ -121,12 +121,12 @@ def convert_megatron_to_hf(
         raise ValueError(f"output directory {out_dir} exists; remove it or choose another --out")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    ckpt_dir = checkpoint_io.resolve_checkpoint_dir(ckpt_dir)
-    model_cfg, diffusion_cfg = checkpoint_io.read_model_meta(ckpt_dir)
+    ckpt_dir = checkpoint_layout.resolve_checkpoint_dir(ckpt_dir)
+    model_cfg, diffusion_cfg = checkpoint_layout.read_model_meta(ckpt_dir)
     dims = Dims(model_cfg, export_vocab_rows(model_cfg, diffusion_cfg))
     mappings = mappings_for(model_cfg)
     out_dtype = DTYPES[dtype] if dtype else None
-    with DistCheckpointReader(ckpt_dir / checkpoint_io.MODEL_DIR) as reader:
+    with DistCheckpointReader(ckpt_dir / checkpoint_layout.MODEL_DIR) as reader:
         _check_keys(reader, mappings, dims)
         layout = _hf_layout(mappings, dims, reader, out_dtype)
         shards = _plan_shards(layout, int(max_shard_gb * 2**30))
@@ -163,7 +163,7 @@ def convert_megatron_to_hf(
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
     hf = hf_config_from_model(model_cfg, diffusion_cfg, _HF_DTYPE_NAMES[stored_dtype])
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-    tokenizer = ckpt_dir / checkpoint_io.TOKENIZER_DIR
+    tokenizer = ckpt_dir / checkpoint_layout.TOKENIZER_DIR
     if tokenizer.is_dir():
         for item in tokenizer.iterdir():
             shutil.copy2(item, tmp / item.name)

@@ -1,5 +1,10 @@
 """Parity of a converted checkpoint with transformers: logits, KL, argmax, greedy generation.
 
+Two checks back `--verify`: `verify_tensors_streaming` compares every stored tensor with its HF
+rows one stored chunk at a time (memory: a chunk, any model size); `verify_conversion` runs both
+models whole in fp32 in one process (logits parity, small models only: the CLI skips it above
+--verify-logits-max-gb).
+
 `megatron_logits` runs the model chunks of any TP/PP/VPP layout through Megatron's forward-only
 pipeline schedule and gathers the vocab-parallel logits on the last stage. Comparisons use only
 the first `vocab_size` columns: padded rows of the Megatron vocabulary are not tokens.
@@ -123,8 +128,8 @@ def default_prompts(hf_dir: str | Path, vocab_size: int, count: int = 3, length:
 
 def verify_conversion(hf_dir, ckpt_dir, kl_tolerance: float = DEFAULT_KL_TOLERANCE) -> dict:
     """Load both models (TP=PP=1, this process), run prompts, return metrics and `passed`."""
+    from megatron_opdlm.checkpoint_layout import load_model_checkpoint, read_model_meta
     from megatron_opdlm.config import JobConfig, ParallelConfig
-    from megatron_opdlm.conversion.checkpoint_io import load_model_checkpoint, read_model_meta
     from megatron_opdlm.models.builder import build_teacher
     from megatron_opdlm.runtime import distributed
 
@@ -152,9 +157,73 @@ def verify_conversion(hf_dir, ckpt_dir, kl_tolerance: float = DEFAULT_KL_TOLERAN
 def _stored_dtype(ckpt_dir) -> torch.dtype:
     from megatron.core import dist_checkpointing
 
-    from megatron_opdlm.conversion.checkpoint_io import MODEL_DIR, resolve_checkpoint_dir
+    from megatron_opdlm.checkpoint_layout import MODEL_DIR, resolve_checkpoint_dir
 
     meta = dist_checkpointing.load_tensors_metadata(
         str(resolve_checkpoint_dir(ckpt_dir) / MODEL_DIR)
     )
     return meta["embedding.word_embeddings.weight"].dtype
+
+
+def verify_tensors_streaming(hf_dir, ckpt_dir) -> dict:
+    """Every stored tensor of the checkpoint against the HF safetensors rows it came from.
+
+    Reads one stored chunk at a time (the converter splits tensors by layer and rows, at most
+    --max-chunk-mb) and the HF rows it covers (pread), so memory is bounded by a chunk, not a
+    model: this runs at 70B on a CPU node. Exact comparison after casting the HF rows to the
+    stored dtype (what the converter does); padding and the added mask row are not HF rows.
+    Returns {"passed", "mismatches" (first 20), "elements", "largest_chunk_elements"}.
+    """
+    from megatron_opdlm.checkpoint_layout import MODEL_DIR, read_model_meta, resolve_checkpoint_dir
+    from megatron_opdlm.conversion.dist_reader import DistCheckpointReader
+    from megatron_opdlm.conversion.families import mappings_for
+    from megatron_opdlm.conversion.hf_config import export_vocab_rows
+    from megatron_opdlm.conversion.mappings import Dims, overlapping
+    from megatron_opdlm.conversion.safetensors_io import SafetensorsReader
+
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
+    model_cfg, diffusion_cfg = read_model_meta(ckpt_dir)
+    dims = Dims(model_cfg, export_vocab_rows(model_cfg, diffusion_cfg))
+    mismatches: list[str] = []
+    elements = largest = 0
+    with (
+        DistCheckpointReader(ckpt_dir / MODEL_DIR) as reader,
+        SafetensorsReader(hf_dir) as hf,
+    ):
+        for mapping in mappings_for(model_cfg):
+            segments = mapping.segments(dims)
+            for offsets, data in reader.chunks(mapping.megatron):
+                largest = max(largest, data.numel())
+                if not mapping.layered:  # add a layer axis of one
+                    offsets, data = (0, *offsets), data.unsqueeze(0)
+                layer0, row0 = offsets[0], offsets[1]
+                col0 = offsets[2] if len(offsets) > 2 else 0
+                for j in range(data.shape[0]):  # [layers in chunk, rows, (cols)]
+                    names = mapping.hf_names(layer0 + j if mapping.layered else None)
+                    for seg, lo, hi in overlapping(segments, row0, row0 + data.shape[1]):
+                        if seg.source is None:
+                            continue
+                        name, stored = names[seg.source], data[j, lo - row0 : hi - row0]
+                        first = seg.hf_start + lo - seg.start
+                        rows = hf.read_rows(name, first, first + (hi - lo))
+                        if stored.dim() > 1:
+                            rows = rows[:, col0 : col0 + stored.shape[1]]  # [rows, cols of chunk]
+                        elements += stored.numel()
+                        if not torch.equal(stored, rows.to(stored.dtype)):
+                            diff = (stored.double() - rows.double()).abs().max().item()
+                            mismatches.append(
+                                f"{name} rows [{first}, {first + hi - lo}) vs {mapping.megatron}: "
+                                f"max |diff| {diff:.3e}"
+                            )
+                del data
+    return {"passed": not mismatches, "mismatches": mismatches[:20], "elements": elements,
+            "largest_chunk_elements": largest}  # fmt: skip
+
+
+def model_fp32_gib(ckpt_dir) -> float:
+    """fp32 size of the checkpoint's model (what the logits check holds twice, HF and Megatron)."""
+    from megatron_opdlm.checkpoint_layout import MODEL_DIR, resolve_checkpoint_dir
+    from megatron_opdlm.conversion.dist_reader import DistCheckpointReader
+
+    with DistCheckpointReader(resolve_checkpoint_dir(ckpt_dir) / MODEL_DIR) as reader:
+        return sum(meta.size.numel() for meta in reader.tensors.values()) * 4 / 2**30

@@ -50,6 +50,14 @@ from megatron_opdlm.runtime import collectives, cpu_compat
 # round_callback(block, round, logits [b, B, V], x [b, B], masked [b, B], select [b, B]):
 # called on the last pipeline stage after each round's decision (tests, analysis).
 RoundCallback = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# should_abort(block_index) -> bool: asked before each block on every rank of the model-parallel
+# group (they decode the same blocks); True on one of them must be True on all (the caller
+# agrees over the group). The trainer uses it to honour a stop request inside a long rollout.
+AbortCheck = Callable[[int], bool]
+
+
+class RolloutAborted(RuntimeError):
+    """generate() stopped before a block because `should_abort` said so; nothing is returned."""
 
 
 def validate_request(
@@ -137,11 +145,14 @@ def generate(
     generator: torch.Generator | None = None,
     return_confidences: bool = False,
     round_callback: RoundCallback | None = None,
+    should_abort: AbortCheck | None = None,
 ) -> RolloutBatch:
     """Decode `prompts` (this data-parallel rank's) with the block-diffusion sampler.
 
     Deterministic given `generator` (None: torch's default CPU generator). The response width is
-    the number of blocks actually decoded times B (<= max_new_tokens).
+    the number of blocks actually decoded times B (<= max_new_tokens). `should_abort` (see
+    AbortCheck) is asked before every block; when it answers True the partial rollout is dropped
+    and RolloutAborted is raised.
     """
     strategy = validate_request(prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens)
     runner = ModelRunner(model_chunks)
@@ -159,6 +170,7 @@ def generate(
         strategy,
         generator,
         round_callback,
+        should_abort,
     )
     with (
         eval_mode(model_chunks),
@@ -184,8 +196,10 @@ class _Decoder:
         strategy,
         generator,
         round_callback,
+        should_abort=None,
     ):
         self.runner, self.strategy, self.callback = runner, strategy, round_callback
+        self.should_abort = should_abort
         self.model_cfg, self.rollout_cfg = model_cfg, rollout_cfg
         self.prompt_tokens, self.prompt_valid = prompt_tokens, prompt_valid
         self.block_size, self.token_shift = diffusion_cfg.block_size, diffusion_cfg.token_shift
@@ -280,6 +294,8 @@ class _Decoder:
             for block_index in range(self.num_blocks):
                 if self.done.all():
                     break
+                if self.should_abort is not None and self.should_abort(block_index):
+                    raise RolloutAborted(f"rollout aborted before block {block_index}")
                 x = self._decode_block(forward, block_index)
                 forward.finish_block(x)
                 self._end_of_block(x)

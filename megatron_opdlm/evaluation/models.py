@@ -112,7 +112,7 @@ def load_eval_model(
     error for a checkpoint that already is a diffusion model). Needs Megatron's parallel state
     (runtime.distributed.initialize) with the layout of `parallel`.
     """
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         load_model_checkpoint,
         read_model_meta,
         resolve_checkpoint_dir,

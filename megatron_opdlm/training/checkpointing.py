@@ -1,35 +1,47 @@
 """Training checkpoints: student, optimizer, RNG of every rank, data position, step, config.
 
-    <save_dir>/latest                    "iter_0000012" (updated last, by rename)
-    <save_dir>/iter_0000012/
-        opdlm_model.yaml, model/,        the student in the conversion format (checkpoint_io):
-        tokenizer/                       export and evaluation read a training checkpoint as is
+    <save_dir>/latest                    "iter_0000012" (updated last, by rename, fsynced)
+    <save_dir>/iter_0000012/             12 rollout steps done (iter_0000012_003: and 3
+                                         optimizer steps of the 13th, saved by a stop)
+        opdlm_model.yaml, model/,        the student in the checkpoint layout
+        tokenizer/                       (checkpoint_layout): export and evaluation read a
+                                         training checkpoint as is
         optimizer/                       dist_checkpointing of the Megatron optimizer state
-                                         (distributed optimizer: fully_reshardable format)
         rng/rank_<r>.pt                  python / numpy / torch / Megatron-tracker RNG states
-        trainer_state.json               steps, prompt-order position, layout it was saved at
+        rollout/rank_<r>.pt              only mid-step: this rank's rollout batch of the step
+        trainer_state.json               steps, prompt-order position, layout, optimizer format
         config.yaml                      the resolved JobConfig of the run
 
-Model and optimizer are layout-free (resharded on load: another TP/PP/DP works). RNG states are
-per rank and restored only at the same layout (otherwise the run re-seeds from the step and
-says so). A checkpoint is written under `.iter_XXXXXXX.tmp` and renamed when complete, then
-`latest` is replaced; a crash at any point leaves the previous checkpoint and pointer intact.
+Optimizer format (checkpoint.optimizer_format, recorded in trainer_state.json): with the
+distributed optimizer, `dp_reshardable` writes each rank's own shard (no cross-DP gather; loads
+at another DP size, same TP/PP); `fully_reshardable` gathers the whole state on every DP rank
+at save time (loads at any TP/PP/DP). Without the distributed optimizer both are layout-free.
+The model is always layout-free. RNG states are restored only at the same layout (otherwise the
+run re-seeds from the step and says so).
+
+A checkpoint is written under `.iter_XXXXXXX.tmp` and renamed when complete, then `latest` is
+replaced; a crash at any point leaves the previous checkpoint and pointer intact. A step saved
+again is moved aside to `.iter_XXXXXXX.old` only once the new one is complete (resolving
+`latest` falls back to it if a crash hits between the two renames). With checkpoint.async_save
+the tensors are written by megatron-core's async strategy while training goes on; the save is
+completed (renamed, pointed to) before the next save and before exit (CheckpointWriter).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from megatron_opdlm import config_base
+from megatron_opdlm import checkpoint_layout, config_base
 from megatron_opdlm.config import JobConfig
-from megatron_opdlm.conversion import checkpoint_io
 from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.logging import get_logger
 from megatron_opdlm.training.optimizer import unwrap
@@ -38,23 +50,23 @@ log = get_logger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
-MODEL_DIR = checkpoint_io.MODEL_DIR
+MODEL_DIR = checkpoint_layout.MODEL_DIR
 OPTIMIZER_DIR = "optimizer"
 RNG_DIR = "rng"
-LATEST = "latest"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+ROLLOUT_DIR = "rollout"
+LATEST = checkpoint_layout.LATEST
+# Checkpoints written before the format was recorded used fully_reshardable.
+LEGACY_OPTIMIZER_FORMAT = "fully_reshardable"
 
 
-def iteration_name(rollout_step: int) -> str:
-    return f"iter_{rollout_step:07d}"
+def iteration_name(rollout_step: int, within_step: int = 0) -> str:
+    """`iter_0000012`, or `iter_0000012_003` for a stop after 3 optimizer steps of step 13."""
+    name = f"iter_{rollout_step:07d}"
+    return f"{name}_{within_step:03d}" if within_step else name
 
 
 def _rank() -> int:
     return collectives.group_rank()
-
-
-def _barrier() -> None:
-    collectives.barrier()
 
 
 def _agree_on_error(message: str | None) -> None:
@@ -64,8 +76,24 @@ def _agree_on_error(message: str | None) -> None:
         raise ValueError(message)
 
 
+def _write_durable(path: Path, text: str) -> None:
+    """Write `text` to `path` and fsync it (metadata a resume depends on)."""
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def model_sharded_state_dict(chunks) -> dict:
-    """Same nesting as checkpoint_io (so `model/` loads with load_model_checkpoint)."""
+    """Same nesting as checkpoint_layout (so `model/` loads with load_model_checkpoint)."""
     if len(chunks) == 1:
         return unwrap(chunks[0]).sharded_state_dict()
     return {f"chunk{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
@@ -79,9 +107,9 @@ def resolve_training_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"checkpoint.load={str(path)!r} does not exist")
-    ckpt = checkpoint_io.resolve_checkpoint_dir(path)
+    ckpt = checkpoint_layout.resolve_checkpoint_dir(path)
     missing = [
-        name for name in (TRAINER_STATE, MODEL_DIR, OPTIMIZER_DIR, checkpoint_io.META_FILE)
+        name for name in (TRAINER_STATE, MODEL_DIR, OPTIMIZER_DIR, checkpoint_layout.META_FILE)
         if not (ckpt / name).exists()
     ]  # fmt: skip
     if missing:
@@ -128,6 +156,168 @@ def layout_signature(job: JobConfig) -> dict[str, int]:
             "vpp": job.parallel.vpp or 0}  # fmt: skip
 
 
+def _optimizer_metadata(optimizer_format: str) -> dict[str, str]:
+    return {"distrib_optim_sharding_type": optimizer_format}
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    """False before the first optimizer step (same on every rank: they step together).
+
+    Such a checkpoint (a stop before any step) stores no optimizer state, and loading it keeps
+    the fresh optimizer: priming one to save it would count an Adam step the run never took.
+    """
+    from megatron_opdlm.training.optimizer import _inner_optimizers
+
+    return any(
+        len(getattr(inner, "optimizer", inner).state) for inner in _inner_optimizers(optimizer)
+    )
+
+
+class CheckpointWriter:
+    """Saves training checkpoints, synchronously or with megatron-core's async strategy.
+
+    At most one save is in flight: `save` completes the previous one first; `finalize()` (also
+    collective) completes it before exit. Completing = the async writers are done on every rank,
+    then rank 0 writes the metadata files, renames the directory and replaces `latest`.
+    """
+
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+        self._queue = None
+        self._pending: dict[str, Any] | None = None  # what completing the save in flight needs
+        self._pruner: threading.Thread | None = None  # rank 0: deletes checkpoints past keep_last
+
+    def _join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
+
+    def save(
+        self,
+        save_dir: str | Path,
+        rollout_step: int,
+        chunks,
+        optimizer,
+        trainer_state: dict[str, Any],
+        job: JobConfig,
+        within_step: int = 0,
+        partial_rollout: Any = None,
+    ) -> Path:
+        """Write iteration (rollout_step, within_step); collective. Returns its final path."""
+        from megatron.core import dist_checkpointing
+
+        self.finalize()
+        save_dir = Path(save_dir).absolute()
+        final = save_dir / iteration_name(rollout_step, within_step)
+        tmp = save_dir / f".{final.name}.tmp"
+        error = None
+        if _rank() == 0:
+            try:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                for stale in save_dir.glob(".iter_*.tmp"):
+                    shutil.rmtree(stale)  # left by an interrupted save
+                for sub in (MODEL_DIR, OPTIMIZER_DIR, RNG_DIR, ROLLOUT_DIR):
+                    (tmp / sub).mkdir(parents=True)
+            except OSError as exc:
+                error = f"cannot create checkpoint directory {tmp}: {exc}"
+        _agree_on_error(error)
+        fmt = job.checkpoint.optimizer_format
+        model_state = model_sharded_state_dict(chunks)
+        has_state = _optimizer_has_state(optimizer)
+        optimizer_state = None
+        if has_state:
+            optimizer_state = optimizer.sharded_state_dict(
+                model_sharded_state_dict(chunks), metadata=_optimizer_metadata(fmt)
+            )
+        if partial_rollout is not None:
+            torch.save(partial_rollout, tmp / ROLLOUT_DIR / f"rank_{_rank()}.pt")
+        torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{_rank()}.pt")
+        state = {**trainer_state, "rollout_step": rollout_step, "within_step": within_step,
+                 "layout": layout_signature(job), "optimizer_format": fmt,
+                 "optimizer_saved": has_state}  # fmt: skip
+        self._pending = {"tmp": tmp, "final": final, "job": job, "state": state}
+        parts = [(model_state, MODEL_DIR)]
+        if optimizer_state is not None:
+            parts.append((optimizer_state, OPTIMIZER_DIR))
+        if not self.async_save:
+            for state_dict, sub in parts:
+                dist_checkpointing.save(state_dict, str(tmp / sub))
+            self._complete()
+            return final
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        if self._queue is None:
+            self._queue = AsyncCallsQueue(persistent=False)
+        for state_dict, sub in parts:
+            # "mcore": megatron-core's own forked writer; "nvrx" needs nvidia-resiliency-ext.
+            request = dist_checkpointing.save(
+                state_dict, str(tmp / sub), async_sharded_save=True, async_strategy="mcore"
+            )
+            self._queue.schedule_async_request(request)
+        log.info("checkpoint %s: writing in the background", final.name)
+        return final
+
+    def poll(self) -> None:
+        """Complete the save in flight if its writers are done on every rank; collective."""
+        if self._queue is not None and self._pending is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+            if self._queue.get_num_unfinalized_calls() == 0:
+                self._complete()
+
+    def finalize(self) -> None:
+        """Wait for the save in flight and complete it; collective (a no-op when none)."""
+        if self._pending is None:
+            return
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+        self._complete()
+
+    def close(self, abort: bool = False) -> None:
+        """Complete the save in flight (collective); `abort` (an error is unwinding, maybe on
+        one rank only) drops it instead: its `.tmp` directory is removed by the next save."""
+        if abort:
+            self._pending = None
+        else:
+            self.finalize()
+        if self._queue is not None:
+            self._queue.close(abort=abort)
+            self._queue = None
+        self._join_pruner()
+
+    def _complete(self) -> None:
+        pending, self._pending = self._pending, None
+        tmp, final, job, state = pending["tmp"], pending["final"], pending["job"], pending["state"]
+        collectives.barrier()  # every rank's shards, RNG and rollout files are on disk
+        if _rank() == 0:
+            checkpoint_layout.write_model_meta(tmp, job.model, job.diffusion)
+            _copy_tokenizer(job, tmp)
+            config_base.save_yaml(job, tmp / CONFIG_FILE)
+            _write_durable(tmp / TRAINER_STATE, json.dumps(state, indent=2))
+            _fsync_dir(tmp)
+            save_dir = final.parent
+            old = save_dir / f".{final.name}.old"
+            if final.exists():  # the same step saved again: keep it until the new one is in
+                if old.exists():
+                    shutil.rmtree(old)
+                final.rename(old)
+            tmp.rename(final)
+            pointer = save_dir / f".{LATEST}.tmp"
+            _write_durable(pointer, final.name + "\n")
+            pointer.replace(save_dir / LATEST)
+            _fsync_dir(save_dir)
+            if old.exists():
+                shutil.rmtree(old)
+            log.info("saved checkpoint %s", final)
+            # Deleting old checkpoints (minutes at 70B on a parallel file system) must not hold
+            # every rank at the barrier: a thread does it while training goes on.
+            self._join_pruner()
+            self._pruner = threading.Thread(
+                target=_prune, args=(save_dir, job.checkpoint.keep_last, final.name)
+            )
+            self._pruner.start()
+        collectives.barrier()
+
+
 def save_checkpoint(
     save_dir: str | Path,
     rollout_step: int,
@@ -135,57 +325,26 @@ def save_checkpoint(
     optimizer,
     trainer_state: dict[str, Any],
     job: JobConfig,
+    within_step: int = 0,
+    partial_rollout: Any = None,
 ) -> Path:
-    """Write iteration `rollout_step` completely, then point `latest` at it; collective."""
-    from megatron.core import dist_checkpointing
-
-    save_dir = Path(save_dir).absolute()
-    final = save_dir / iteration_name(rollout_step)
-    tmp = save_dir / f".{final.name}.tmp"
-    error = None
-    if _rank() == 0:
-        try:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            for stale in save_dir.glob(".iter_*.tmp"):
-                shutil.rmtree(stale)  # left by an interrupted save
-            for sub in (MODEL_DIR, OPTIMIZER_DIR, RNG_DIR):
-                (tmp / sub).mkdir(parents=True)
-        except OSError as exc:
-            error = f"cannot create checkpoint directory {tmp}: {exc}"
-    _agree_on_error(error)
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
-    optimizer_state = optimizer.sharded_state_dict(
-        model_sharded_state_dict(chunks), metadata=OPTIMIZER_METADATA
-    )
-    dist_checkpointing.save(optimizer_state, str(tmp / OPTIMIZER_DIR))
-    torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        checkpoint_io.write_model_meta(tmp, job.model, job.diffusion)
-        _copy_tokenizer(job, tmp)
-        config_base.save_yaml(job, tmp / CONFIG_FILE)
-        state = {**trainer_state, "rollout_step": rollout_step, "layout": layout_signature(job)}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        if final.exists():  # the same step saved again (e.g. a resumed run that stopped at once)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        pointer = save_dir / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        pointer.replace(save_dir / LATEST)
-        _prune(save_dir, job.checkpoint.keep_last, keep=final.name)
-        log.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+    """Synchronous save of one iteration (CheckpointWriter without async); collective."""
+    writer = CheckpointWriter(async_save=False)
+    path = writer.save(save_dir, rollout_step, chunks, optimizer, trainer_state, job,
+                       within_step, partial_rollout)  # fmt: skip
+    writer.close()
+    return path
 
 
 def _copy_tokenizer(job: JobConfig, ckpt: Path) -> None:
     """The run's tokenizer beside the student (export and evaluation read it from there)."""
     source = job.data.tokenizer
     if source is None and job.checkpoint.teacher is not None:
-        bundled = checkpoint_io.resolve_checkpoint_dir(job.checkpoint.teacher) / "tokenizer"
+        teacher = checkpoint_layout.resolve_checkpoint_dir(job.checkpoint.teacher)
+        bundled = teacher / checkpoint_layout.TOKENIZER_DIR
         source = str(bundled) if bundled.is_dir() else None
     if source is not None:
-        checkpoint_io.copy_tokenizer(source, ckpt / checkpoint_io.TOKENIZER_DIR)
+        checkpoint_layout.copy_tokenizer(source, ckpt / checkpoint_layout.TOKENIZER_DIR)
 
 
 def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
@@ -195,19 +354,50 @@ def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def check_resume_layout(ckpt: Path, job: JobConfig) -> None:
+    """ValueError when this run's layout cannot load `ckpt` (before any weight is read)."""
+    state = read_trainer_state(ckpt)
+    saved, here = state.get("layout") or {}, layout_signature(job)
+    model_parallel = {k: saved.get(k) for k in ("tp", "pp", "vpp")}
+    same_model_parallel = model_parallel == {k: here[k] for k in ("tp", "pp", "vpp")}
+    fmt = state.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
+    sharded = fmt == "dp_reshardable" and job.parallel.use_distributed_optimizer
+    sharded = sharded and state.get("optimizer_saved", True)
+    if sharded and not same_model_parallel:
+        raise ValueError(
+            f"{ckpt} holds the distributed optimizer in dp_reshardable format, saved at "
+            f"{model_parallel}; it loads at another DP size but not at {here}: resume at the "
+            "saved tp/pp/vpp, or save it there once more with "
+            "checkpoint.optimizer_format=fully_reshardable"
+        )
+    if state.get("within_step") and saved != here:
+        raise ValueError(
+            f"{ckpt} was saved in the middle of a rollout step at layout {saved}; its rollout "
+            f"batches are per data-parallel rank, so resume it at that layout (this run: {here})"
+        )
+
+
 def load_checkpoint(path: str | Path, chunks, optimizer, job: JobConfig) -> dict[str, Any]:
-    """Load student, optimizer and (same layout only) RNG states; returns the trainer state."""
+    """Load student, optimizer and (same layout only) RNG states; returns the trainer state.
+
+    A mid-step checkpoint also returns this rank's rollout batch as state["partial_rollout"].
+    """
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_training_checkpoint(path)
-    checkpoint_io.load_model_checkpoint(chunks, ckpt)
-    optimizer_template = optimizer.sharded_state_dict(
-        model_sharded_state_dict(chunks), is_loading=True, metadata=OPTIMIZER_METADATA
-    )
-    optimizer.load_state_dict(
-        dist_checkpointing.load(optimizer_template, str(ckpt / OPTIMIZER_DIR))
-    )
+    check_resume_layout(ckpt, job)
     state = read_trainer_state(ckpt)
+    checkpoint_layout.load_model_checkpoint(chunks, ckpt)
+    fmt = state.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
+    if state.get("optimizer_saved", True):
+        optimizer_template = optimizer.sharded_state_dict(
+            model_sharded_state_dict(chunks), is_loading=True, metadata=_optimizer_metadata(fmt)
+        )
+        optimizer.load_state_dict(
+            dist_checkpointing.load(optimizer_template, str(ckpt / OPTIMIZER_DIR))
+        )
+    else:
+        log.info("%s was saved before the first optimizer step: the optimizer starts fresh", ckpt)
     rng_file = ckpt / RNG_DIR / f"rank_{_rank()}.pt"
     if state.get("layout") == layout_signature(job) and rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
@@ -220,5 +410,8 @@ def load_checkpoint(path: str | Path, chunks, optimizer, job: JobConfig) -> dict
             ckpt, state.get("layout"), layout_signature(job),
         )  # fmt: skip
         state["rng_restored"] = False
+    if state.get("within_step"):
+        rollout_file = ckpt / ROLLOUT_DIR / f"rank_{_rank()}.pt"
+        state["partial_rollout"] = torch.load(rollout_file, weights_only=False)
     log.info("resumed from %s (rollout step %d)", ckpt, state["rollout_step"])
     return state

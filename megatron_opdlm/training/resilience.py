@@ -34,6 +34,7 @@ class StopRequest:
 
     def __init__(self, deadline_minutes: float = 0.0, margin_seconds: float = 30.0):
         self.signal_name: str | None = None
+        self.signal_time: float | None = None  # time.monotonic() of the first signal
         self.start = time.monotonic()
         self.deadline = deadline_minutes * 60.0 if deadline_minutes > 0 else None
         self.margin = margin_seconds
@@ -53,6 +54,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+            self.signal_time = time.monotonic()
 
     def deadline_near(self, last_step_seconds: float, save_seconds: float = 0.0) -> bool:
         if self.deadline is None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
+from megatron_opdlm import checkpoint_layout
 from megatron_opdlm.config import JobConfig, ModelConfig
-from megatron_opdlm.conversion import checkpoint_io
 from megatron_opdlm.data.prompts import PromptDataset, load_prompts
 from megatron_opdlm.models.builder import build_student, build_teacher, copy_weights
 from megatron_opdlm.models.vocab import init_mask_token_row
@@ -86,7 +86,7 @@ def adopt_teacher_model_config(job: JobConfig) -> None:
     architecture fields that contradict the checkpoint are refused (ValueError naming both)."""
     if job.checkpoint.teacher is None:
         return
-    teacher_cfg, _ = checkpoint_io.read_model_meta(job.checkpoint.teacher)
+    teacher_cfg, _ = checkpoint_layout.read_model_meta(job.checkpoint.teacher)
     explicit = explicit_model_fields(job.model)
     conflicts = [
         f"model.{name}={value!r} (the teacher has {getattr(teacher_cfg, name)!r})"
@@ -120,7 +120,7 @@ def check_student_init(job: JobConfig) -> None:
     trained student, the same block size and token shift (its weights were trained for them)."""
     if job.checkpoint.student_init is None:
         return
-    init_cfg, init_diffusion = checkpoint_io.read_model_meta(job.checkpoint.student_init)
+    init_cfg, init_diffusion = checkpoint_layout.read_model_meta(job.checkpoint.student_init)
     where = f"checkpoint.student_init={job.checkpoint.student_init}"
     differs = [
         f"model.{f.name} {getattr(init_cfg, f.name)!r} vs {getattr(job.model, f.name)!r}"
@@ -151,7 +151,7 @@ def load_tokenizer(job: JobConfig):
     if job.data.tokenizer is not None:
         return load(job.data.tokenizer)
     if job.checkpoint.teacher is not None:
-        bundled = checkpoint_io.resolve_checkpoint_dir(job.checkpoint.teacher) / "tokenizer"
+        bundled = checkpoint_layout.resolve_checkpoint_dir(job.checkpoint.teacher) / "tokenizer"
         if bundled.is_dir():
             return load(bundled)
     return None
@@ -219,7 +219,7 @@ def build_models(job: JobConfig, resuming: bool) -> Models:
     if needs_teacher or job.checkpoint.student_init is None:
         if job.checkpoint.teacher is not None:
             teacher = build_teacher(job)
-            checkpoint_io.load_model_checkpoint(teacher, job.checkpoint.teacher)
+            checkpoint_layout.load_model_checkpoint(teacher, job.checkpoint.teacher)
         else:
             log.warning("checkpoint.teacher is not set: the teacher is randomly initialised")
             with torch.random.fork_rng(devices=[]):  # the same random teacher on every build
@@ -230,8 +230,8 @@ def build_models(job: JobConfig, resuming: bool) -> Models:
     if not resuming:
         trained_student = False
         if job.checkpoint.student_init is not None:
-            checkpoint_io.load_model_checkpoint(student, job.checkpoint.student_init)
-            _, init_diffusion = checkpoint_io.read_model_meta(job.checkpoint.student_init)
+            checkpoint_layout.load_model_checkpoint(student, job.checkpoint.student_init)
+            _, init_diffusion = checkpoint_layout.read_model_meta(job.checkpoint.student_init)
             trained_student = init_diffusion is not None
         else:
             copy_weights(teacher, student)

@@ -6,11 +6,14 @@ Per rollout step s (prompts_per_rollout prompts over all DP ranks):
   (opdlm) or random masks (baselines) -> prompts_per_rollout / global_batch_size optimizer steps,
   each: teacher targets (forward-only schedule) -> finite check -> student forward/backward
   (schedule, PP micro-batches) -> finite checks on loss and gradient norm -> optimizer step.
-Stops (signal, deadline) are agreed at the end of a rollout step; the checkpoint is then saved.
+Stops (signal, deadline, STOP file) are agreed before each rollout block, after the rollout,
+between optimizer steps and at the end of a rollout step (training/preemption.py); the last
+consistent state is then saved and the run exits with EXIT_RESUME (or EXIT_FINISHED for STOP).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from megatron.core import parallel_state
 from megatron_opdlm import config_base
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.data.prompts import PromptOrder
-from megatron_opdlm.diffusion.sampler import generate
+from megatron_opdlm.diffusion.sampler import RolloutAborted, generate
 from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.distributed import device, is_rank0
 from megatron_opdlm.runtime.logging import get_logger
@@ -28,6 +31,7 @@ from megatron_opdlm.training import batches, checkpointing, setup
 from megatron_opdlm.training.evaluate import evaluate_kl
 from megatron_opdlm.training.metrics import StepLogger, memory_gib, reduce_loss_metrics
 from megatron_opdlm.training.optimizer import grad_norm_then_step, set_learning_rate
+from megatron_opdlm.training.preemption import StopPoints
 from megatron_opdlm.training.resilience import StopRequest, check_finite, is_finite
 from megatron_opdlm.training.schedules import learning_rate, rollout_length_cap
 from megatron_opdlm.training.steps import (
@@ -48,6 +52,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per optimizer step
     evals: list[dict[str, float]] = field(default_factory=list)
     checkpoint: str | None = None
+    resumable: bool = False  # stopped by a signal or the deadline: run again to continue
 
 
 class Trainer:
@@ -80,6 +85,14 @@ class Trainer:
         self.rollout_step = 0
         self.optimizer_step = 0
         self.last_save_seconds = 0.0
+        self.stop_points = StopPoints(self.stop, job.train.run_dir)
+        # Optimizer steps done of the current rollout step, and its batch (a mid-step stop).
+        self.within_step, self.partial = 0, None
+        # An evaluation is owed: the initial one, or the one a stop at a step's end skipped.
+        self.eval_pending = self.eval_data is not None
+        self.saved_state = None  # (rollout_step, within_step) of the newest checkpoint written
+        self.writer = checkpointing.CheckpointWriter(job.checkpoint.async_save)
+        self.last_save_time = time.monotonic()
         if self.resume_from is not None:
             state = checkpointing.load_checkpoint(
                 self.resume_from, self.models.student, self.models.optimizer, job
@@ -87,6 +100,15 @@ class Trainer:
             self.rollout_step = state["rollout_step"]
             self.optimizer_step = state["optimizer_step"]
             self.order.load_state_dict(state["prompt_order"])
+            self.within_step = state.get("within_step", 0)
+            self.partial = state.get("partial_rollout")
+            self.eval_pending = self.eval_data is not None and state.get("eval_pending", False)
+            save_dir = job.checkpoint.save_dir
+            if (
+                save_dir is not None
+                and self.resume_from.parent.resolve() == Path(save_dir).resolve()
+            ):
+                self.saved_state = (self.rollout_step, self.within_step)  # already there
         self.logger = StepLogger(job.train.run_dir, job.train.tensorboard, is_rank0())
         if self.resume_from is not None:
             self.logger.truncate(self.optimizer_step, self.rollout_step)
@@ -153,26 +175,59 @@ class Trainer:
         if job.distill.mode in setup.ROLLOUT_MODES:
             generator = batches.step_generator(job.train.seed, "rollout", step, self.dp_rank)
             prompts = [r.prompt_ids for r in records]
-            return generate(self.models.student, prompts, job.model, job.diffusion, job.rollout,
-                            max_new_tokens=cap, generator=generator)  # fmt: skip
+            should_abort = self.stop_points.rollout_abort_check(
+                self.last_save_seconds, parallel_state.get_model_parallel_group()
+            )
+            try:
+                return generate(self.models.student, prompts, job.model, job.diffusion,
+                                job.rollout, max_new_tokens=cap, generator=generator,
+                                should_abort=should_abort)  # fmt: skip
+            except RolloutAborted:
+                return None
         return batches.given_responses(records, job, cap, device())
 
-    def _rollout_step(self) -> list[dict[str, float]]:
+    def _new_rollout(self, cap: int):
+        """(rollout, x_t, rollout_tokens, rollout_time), or None after an agreed stop.
+
+        A stop drops the partial rollout and restores the prompt order and RNG states of the
+        step's start, so the checkpoint saved next replays this step exactly on resume.
+        """
         job, step = self.job, self.rollout_step
-        cap = rollout_length_cap(step, job.curriculum, job.rollout.max_new_tokens,
-                                 job.diffusion.block_size)  # fmt: skip
+        order_state, rng_state = self.order.state_dict(), checkpointing.capture_rng_state()
         records = [self.train_data[i] for i in self.order.next_local()]
         start = time.perf_counter()
         rollout = self._make_batch(records, cap)
+        # All ranks agree here (DP groups may have decoded different numbers of blocks).
+        if self.stop_points.agree(0.0, self.last_save_seconds, extra=rollout is None):
+            self.order.load_state_dict(order_state)
+            checkpointing.restore_rng_state(rng_state)
+            log.info("rollout step %d dropped (%s)", step, self.stop_points.reason)
+            return None
         local_rows = job.train.prompts_per_rollout // self.dp_size
         x_t = batches.select_noisy_states(rollout, job, step, self.dp_rank * local_rows)
         rollout_time = time.perf_counter() - start
         rollout_tokens = collectives.all_reduce_value(
             int(rollout.response_valid.sum()), group=parallel_state.get_data_parallel_group()
         )
+        return {"rollout": rollout, "x_t": x_t, "rollout_tokens": rollout_tokens,
+                "rollout_time": rollout_time}  # fmt: skip
+
+    def _rollout_step(self) -> tuple[list[dict[str, float]], bool]:
+        """This rollout step's optimizer steps; (history, True) when a stop cut it short."""
+        job, step = self.job, self.rollout_step
+        cap = rollout_length_cap(step, job.curriculum, job.rollout.max_new_tokens,
+                                 job.diffusion.block_size)  # fmt: skip
+        batch, first = self.partial, self.within_step  # a step resumed half-way
+        self.partial, self.within_step = None, 0
+        if batch is None:
+            batch, first = self._new_rollout(cap), 0
+            if batch is None:
+                return [], True
+        rollout, x_t, rollout_time = batch["rollout"], batch["x_t"], batch["rollout_time"]
+        rollout_tokens = batch["rollout_tokens"]
         local_batch = job.train.global_batch_size // self.dp_size
         history = []
-        for k in range(self.steps_per_rollout):
+        for k in range(first, self.steps_per_rollout):
             step_start = time.perf_counter()
             times = {"time_rollout": rollout_time if k == 0 else 0.0, "time_teacher": 0.0,
                      "time_student": 0.0, "time_optimizer": 0.0}  # fmt: skip
@@ -191,22 +246,52 @@ class Trainer:
             self.logger.scalars("train", record, self.optimizer_step)
             self.logger.record("train", record)
             history.append(record)
-        return history
+            last = k + 1 == self.steps_per_rollout
+            step_seconds = time.perf_counter() - step_start
+            if not last and self.stop_points.agree(step_seconds, self.last_save_seconds):
+                self.within_step, self.partial = k + 1, batch  # saved with the checkpoint
+                return history, True
+        return history, False
 
     # ---- the loop ----
     def trainer_state(self) -> dict:
-        return {"optimizer_step": self.optimizer_step, "prompt_order": self.order.state_dict()}
+        return {"optimizer_step": self.optimizer_step, "prompt_order": self.order.state_dict(),
+                "within_step": self.within_step, "eval_pending": self.eval_pending}  # fmt: skip
 
-    def save(self) -> str | None:
+    def save(self, wait: bool = True) -> str | None:
+        """Save the current state; `wait=False` lets an async save finish in the background."""
         if self.job.checkpoint.save_dir is None:
             return None
+        name = checkpointing.iteration_name(self.rollout_step, self.within_step)
+        if self.saved_state == (self.rollout_step, self.within_step):
+            # Already on disk (a stop right after a save, or a resumed run that had no step
+            # left): re-writing it would only spend the stop's time window.
+            return str(Path(self.job.checkpoint.save_dir).absolute() / name)
         start = time.perf_counter()
-        path = checkpointing.save_checkpoint(
+        path = self.writer.save(
             self.job.checkpoint.save_dir, self.rollout_step, self.models.student,
             self.models.optimizer, self.trainer_state(), self.job,
+            within_step=self.within_step, partial_rollout=self.partial,
         )  # fmt: skip
-        self.last_save_seconds = time.perf_counter() - start
+        if wait:
+            self.writer.finalize()
+        self.last_save_seconds = time.perf_counter() - start  # async: the blocking part only
+        self.last_save_time = time.monotonic()
+        self.saved_state = (self.rollout_step, self.within_step)
         return str(path)
+
+    def _save_due(self, done: bool) -> bool:
+        """Step interval or wall-clock interval (rank 0's clock decides for all); collective."""
+        if done or self.job.checkpoint.save_dir is None:
+            return False
+        ckpt = self.job.checkpoint
+        if ckpt.save_interval and self.rollout_step % ckpt.save_interval == 0:
+            return True
+        if not ckpt.save_interval_minutes:
+            return False
+        waited = time.monotonic() - self.last_save_time
+        late = collectives.group_rank() == 0 and waited >= ckpt.save_interval_minutes * 60
+        return collectives.any_rank(late)
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:
@@ -222,28 +307,39 @@ class Trainer:
     def train(self) -> TrainResult:
         job = self.job
         result = TrainResult(self.rollout_step, self.optimizer_step, None)
-        stop = self.stop
+        stop, points = self.stop, self.stop_points
         try:
-            if self.eval_data is not None and self.rollout_step == 0:
-                result.evals.append(self.evaluate())
+            if self.eval_pending and self.within_step == 0:
+                result.evals.append(self.evaluate())  # the initial one, or the one a stop owed
+                self.eval_pending = False
             last_step_seconds = 0.0
             while self.rollout_step < job.train.rollout_steps:
                 start = time.perf_counter()
-                result.history.extend(self._rollout_step())
+                history, cut_short = self._rollout_step()
+                result.history.extend(history)
+                if cut_short:
+                    result.stopped_early = points.reason
+                    log.info("stopping in rollout step %d after %d of its optimizer steps: %s",
+                             self.rollout_step, self.within_step, points.reason)  # fmt: skip
+                    break
                 self.rollout_step += 1
                 last_step_seconds = time.perf_counter() - start
                 done = self.rollout_step == job.train.rollout_steps
-                # A stop skips the evaluation: the time left goes to the checkpoint.
-                if stop.should_stop(last_step_seconds, self.last_save_seconds) and not done:
-                    result.stopped_early = stop.reason
-                    log.info("stopping after rollout step %d: %s", self.rollout_step, stop.reason)
-                    break
                 interval = job.train.eval_interval
-                if self.eval_data is not None and interval and self.rollout_step % interval == 0:
+                eval_due = bool(self.eval_data is not None and interval
+                                and self.rollout_step % interval == 0)  # fmt: skip
+                # A stop skips the evaluation (the time left goes to the checkpoint); the
+                # resumed run owes it and runs it first.
+                if not done and points.agree(last_step_seconds, self.last_save_seconds):
+                    result.stopped_early = points.reason
+                    self.eval_pending = eval_due
+                    log.info("stopping after rollout step %d: %s", self.rollout_step, points.reason)
+                    break
+                if eval_due:
                     result.evals.append(self.evaluate())
-                save_every = job.checkpoint.save_interval
-                if save_every and self.rollout_step % save_every == 0 and not done:
-                    result.checkpoint = self.save()
+                self.writer.poll()  # an async save completes (renamed, `latest`) once written
+                if self._save_due(done):
+                    result.checkpoint = self.save(wait=False)
             if (
                 self.eval_data is not None
                 and result.stopped_early is None
@@ -251,7 +347,14 @@ class Trainer:
             ):
                 result.evals.append(self.evaluate())
             result.checkpoint = self.save() or result.checkpoint
+            if result.stopped_early is not None:
+                result.resumable = points.resumable
+                since = points.seconds_since_signal()
+                if since is not None and result.checkpoint is not None:
+                    log.info("signal to checkpoint on disk: %.2f s (%s)", since, result.checkpoint)
         finally:
+            # An async save in flight is completed before exit (dropped if an error unwinds).
+            self.writer.close(abort=sys.exc_info()[0] is not None)
             stop.uninstall()
             self.logger.close()
         result.rollout_step, result.optimizer_step = self.rollout_step, self.optimizer_step

@@ -28,12 +28,12 @@ SAVE_LAYOUTS = [(2, 1, None), (1, 2, None), (1, 2, 2)]
 
 
 def _rank_body(rank, world_size, work_dir, families):
-    from megatron_opdlm.config import JobConfig, ParallelConfig
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         load_model_checkpoint,
         read_model_meta,
         save_model_checkpoint,
     )
+    from megatron_opdlm.config import JobConfig, ParallelConfig
     from megatron_opdlm.conversion.verify import compare_logits, megatron_logits
     from megatron_opdlm.models.builder import build_teacher
     from megatron_opdlm.runtime import distributed

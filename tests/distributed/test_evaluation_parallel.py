@@ -19,8 +19,8 @@ LAYOUTS = {"tp1": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}}
 
 
 def _body(rank, world_size, root):
+    from megatron_opdlm.checkpoint_layout import save_model_checkpoint
     from megatron_opdlm.config import DiffusionConfig, ParallelConfig
-    from megatron_opdlm.conversion.checkpoint_io import save_model_checkpoint
     from megatron_opdlm.evaluation import decoding, metrics
     from megatron_opdlm.evaluation.models import load_eval_model
     from megatron_opdlm.models.builder import build_student

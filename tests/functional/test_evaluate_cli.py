@@ -30,8 +30,8 @@ def _cli():
 
 def _save_student(directory: Path, teacher_dir: Path, tokenizer_dir: Path) -> Path:
     """A diffusion checkpoint: the teacher's weights, slightly perturbed, block size 4."""
+    from megatron_opdlm.checkpoint_layout import load_model_checkpoint, save_model_checkpoint
     from megatron_opdlm.config import DiffusionConfig
-    from megatron_opdlm.conversion.checkpoint_io import load_model_checkpoint, save_model_checkpoint
     from megatron_opdlm.models.builder import build_student
 
     job = tiny_teacher_job()

@@ -24,12 +24,12 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def smollm2(request):
-    from megatron_opdlm.config import JobConfig, ParallelConfig, PrecisionConfig
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         TOKENIZER_DIR,
         load_model_checkpoint,
         read_model_meta,
     )
+    from megatron_opdlm.config import JobConfig, ParallelConfig, PrecisionConfig
     from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
     from megatron_opdlm.conversion.smollm2 import materialize_smollm2_hf
     from megatron_opdlm.data.tokenizer import load_tokenizer

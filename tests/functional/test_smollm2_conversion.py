@@ -30,8 +30,8 @@ def _hf_greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 def test_smollm2_parity_greedy_and_round_trip(request, tmp_path):
     from transformers import AutoTokenizer
 
+    from megatron_opdlm.checkpoint_layout import load_model_checkpoint, read_model_meta
     from megatron_opdlm.config import JobConfig, ParallelConfig
-    from megatron_opdlm.conversion.checkpoint_io import load_model_checkpoint, read_model_meta
     from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
     from megatron_opdlm.conversion.megatron_to_hf import convert_megatron_to_hf
     from megatron_opdlm.conversion.smollm2 import materialize_smollm2_hf

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_opdlm.conversion.checkpoint_io import MODEL_DIR, read_model_meta
+from megatron_opdlm.checkpoint_layout import MODEL_DIR, read_model_meta
 from megatron_opdlm.conversion.dist_reader import DistCheckpointReader
 from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
 from megatron_opdlm.conversion.megatron_to_hf import convert_megatron_to_hf
@@ -90,8 +90,8 @@ def test_round_trip_is_bit_identical(family, dtype, tmp_path):
 def test_student_export_keeps_mask_row_and_reloads(llama_hf, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from megatron_opdlm.checkpoint_layout import write_model_meta
     from megatron_opdlm.config import DiffusionConfig
-    from megatron_opdlm.conversion.checkpoint_io import write_model_meta
 
     ckpt = tmp_path / "ckpt"
     convert_hf_to_megatron(llama_hf, ckpt)

@@ -52,7 +52,7 @@ def tiny_teacher_job(*overrides: str):
 
 def save_tiny_teacher(directory: Path, tokenizer_dir: Path | None, seed: int = 0, job=None) -> Path:
     """Random tiny AR teacher saved as a converter-format checkpoint (needs parallel state)."""
-    from megatron_opdlm.conversion.checkpoint_io import save_model_checkpoint
+    from megatron_opdlm.checkpoint_layout import save_model_checkpoint
     from megatron_opdlm.models.builder import build_teacher
 
     job = job or tiny_teacher_job()

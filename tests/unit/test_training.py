@@ -81,12 +81,13 @@ def test_nan_teacher_logprobs_skip_policy_and_retention(single_process, tmp_path
 
 def test_deadline_saves_and_stops(single_process, tmp_path):
     save_dir = tmp_path / "ckpt"
-    # 0.001 min: the time left is shorter than a step (plus the 30 s margin) after step 1.
+    # 0.001 min: the time left is shorter than the 30 s margin before the first rollout block,
+    # so the first rollout is dropped and the initial state saved (resumable, exit code 3).
     job = tiny_job(tmp_path, "train.deadline_minutes=0.001", f"checkpoint.save_dir={save_dir}")
     result = Trainer(job).train()
-    assert result.stopped_early.startswith("deadline")
-    assert result.rollout_step == 1 and result.optimizer_step == 2
-    assert (save_dir / "latest").read_text().strip() == "iter_0000001"
+    assert result.stopped_early.startswith("deadline") and result.resumable
+    assert result.rollout_step == 0 and result.optimizer_step == 0
+    assert (save_dir / "latest").read_text().strip() == "iter_0000000"
 
 
 def test_bf16_recompute_distributed_optimizer_runs(single_process, tmp_path):

@@ -51,7 +51,7 @@ def save_teacher(job, directory: Path) -> Path:
     """Build the job's teacher at the current parallel layout (random weights) and save it."""
     import torch
 
-    from megatron_opdlm.conversion.checkpoint_io import save_model_checkpoint
+    from megatron_opdlm.checkpoint_layout import save_model_checkpoint
     from megatron_opdlm.models.builder import build_teacher
 
     torch.manual_seed(job.train.seed)

@@ -77,13 +77,13 @@ def prepare(args):
 
 
 def load_student(ckpt):
-    from megatron_opdlm.config import DiffusionConfig, JobConfig, ParallelConfig, PrecisionConfig
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         TOKENIZER_DIR,
         load_model_checkpoint,
         read_model_meta,
         resolve_checkpoint_dir,
     )
+    from megatron_opdlm.config import DiffusionConfig, JobConfig, ParallelConfig, PrecisionConfig
     from megatron_opdlm.data.tokenizer import load_tokenizer
     from megatron_opdlm.models.builder import build_student
     from megatron_opdlm.models.vocab import init_mask_token_row

@@ -97,7 +97,7 @@ def _model_overrides(name: str, teacher: Path) -> list[str]:
     if name == "smollm2":
         return [f"checkpoint.teacher={teacher}"]
     from megatron_opdlm import config_base
-    from megatron_opdlm.conversion.checkpoint_io import read_model_meta
+    from megatron_opdlm.checkpoint_layout import read_model_meta
 
     model = config_base.to_dict(read_model_meta(teacher)[0])
     model.update(num_attention_heads=8, num_query_groups=4, head_dim=None)

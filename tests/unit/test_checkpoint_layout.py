@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_opdlm.config import JobConfig
-from megatron_opdlm.conversion import checkpoint_io
-from megatron_opdlm.conversion.checkpoint_io import (
+from megatron_opdlm import checkpoint_layout
+from megatron_opdlm.checkpoint_layout import (
     load_model_checkpoint,
     read_model_meta,
     resolve_checkpoint_dir,
     save_model_checkpoint,
 )
+from megatron_opdlm.config import JobConfig
 from megatron_opdlm.conversion.dist_writer import write_torch_dist
 from megatron_opdlm.conversion.families import mappings_for
 from megatron_opdlm.conversion.hf_to_megatron import build_lazy_state, convert_hf_to_megatron
@@ -91,7 +91,7 @@ def test_load_rejects_other_architecture_and_missing_tensors(single_process, tmp
         del state["decoder.final_layernorm.weight"]
         partial = tmp_path / "partial"
         write_torch_dist(state, partial / "model")
-    checkpoint_io.write_model_meta(partial, model_cfg, None)
+    checkpoint_layout.write_model_meta(partial, model_cfg, None)
     with pytest.raises(ValueError, match=r"missing in the checkpoint \['decoder.final_layernorm"):
         load_model_checkpoint(build_teacher(JobConfig(model=model_cfg)), partial)
 
@@ -123,3 +123,29 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert megatron_to_hf_main(["--ckpt", str(out), "--out", str(tmp_path / "hf2"),
                                 "--no-progress"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "hf2" / "config.json").read_text())["model_type"] == "mistral"
+
+
+def test_streaming_tensor_check_passes_and_catches_a_corrupted_tensor(tmp_path):
+    from megatron_opdlm.conversion.verify import verify_tensors_streaming
+
+    hf_dir = save_tiny_hf("llama", tmp_path / "hf")
+    # 4 KiB chunks: every tensor is read in several pieces (rows and layers), as at 70B.
+    convert_hf_to_megatron(hf_dir, tmp_path / "ckpt", max_chunk_mb=4 / 1024)
+    result = verify_tensors_streaming(hf_dir, tmp_path / "ckpt")
+    tensors = load_file(hf_dir / "model.safetensors")
+    assert result["passed"], result["mismatches"]
+    assert result["elements"] == sum(t.numel() for t in tensors.values())  # every HF element
+    # Memory bound: the largest piece held is a chunk, smaller than one layer's MLP weight.
+    assert (
+        result["largest_chunk_elements"]
+        <= 1024
+        < tensors["model.layers.0.mlp.up_proj.weight"].numel()
+    )
+    tensors["model.layers.2.mlp.down_proj.weight"][5, 7] += 1e-3  # one corrupted element
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    result = verify_tensors_streaming(hf_dir, tmp_path / "ckpt")
+    assert not result["passed"]
+    assert (
+        len(result["mismatches"]) == 1
+        and "model.layers.2.mlp.down_proj.weight" in result["mismatches"][0]
+    ), result["mismatches"]
