@@ -45,6 +45,9 @@ from megatron_opdlm.runtime import cpu_compat
 # round_callback(block, round, logits [b, B, V], x [b, B], masked [b, B], select [b, B]):
 # called on the last pipeline stage after each round's decision (tests, analysis).
 RoundCallback = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# stop_rows(response [b, w], lengths [b]) -> [b] bool: called after each committed block on every
+# rank (the same tokens everywhere); rows where it is True end there, as at an EOS (stop strings).
+StopRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def validate_request(
@@ -134,6 +137,7 @@ def generate(
     generator: torch.Generator | None = None,
     return_confidences: bool = False,
     round_callback: RoundCallback | None = None,
+    stop_rows: StopRows | None = None,
 ) -> RolloutBatch:
     """Decode `prompts` (this data-parallel rank's) with the block-diffusion sampler.
 
@@ -157,6 +161,7 @@ def generate(
         generator,
         round_callback,
     )
+    decoder.stop_rows = stop_rows
     with (
         eval_mode(model_chunks),
         sequence_parallel_off(model_chunks),
@@ -182,6 +187,7 @@ class _Decoder:
         round_callback,
     ):
         self.runner, self.strategy, self.callback = runner, strategy, round_callback
+        self.stop_rows: StopRows | None = None
         self.model_cfg, self.rollout_cfg = model_cfg, rollout_cfg
         self.prompt_tokens, self.prompt_valid = prompt_tokens, prompt_valid
         self.block_size, self.token_shift = diffusion_cfg.block_size, diffusion_cfg.token_shift
@@ -280,6 +286,10 @@ class _Decoder:
                 forward.finish_block(x)
                 self._end_of_block(x)
                 blocks += 1
+                if self.stop_rows is not None:
+                    width = blocks * self.block_size
+                    stop = self.stop_rows(self.response[:, :width], self.lengths)
+                    self.done |= stop.to(self.device).bool()
         finally:
             forward.free()
         return self._batch(blocks * self.block_size, return_confidences)
