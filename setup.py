@@ -10,7 +10,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_opdlm", "megatron_opdlm.*"]),
-    package_data={"megatron_opdlm": ["data/bundled/*.jsonl", "data/bundled/*.md"]},
+    package_data={
+        "megatron_opdlm": [
+            "data/bundled/*.jsonl", "data/bundled/*.md",
+            # copied into every HF export (remote code) and read by lm-eval (--include_path)
+            "hf_export/remote_code/*.py", "evaluation/lm_eval_tasks/*",
+        ]
+    },  # fmt: skip
     install_requires=[
         # 2.13.0 is the release the CPU machines and CI pin; any 2.13+ works on GPU images.
         "torch>=2.13.0",
@@ -29,6 +35,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         # transformers + gguf + accelerate: HF parity checks and loading the bundled SmolLM2 GGUF.
         "hf": ["transformers>=4.45", "gguf", "accelerate", "matplotlib"],
+        # lm-evaluation-harness backend (megatron_opdlm.evaluation.lm_eval_backend); the HF
+        # export's remote code needs transformers 5.x
+        "eval": ["lm-eval>=0.4.8,<0.5", "transformers>=5.0,<6"],
         "dev": [
             "pytest",
             "pytest-timeout",
@@ -37,11 +46,15 @@ setup(
             "gguf",
             "accelerate",
             "matplotlib",
+            "lm-eval>=0.4.8,<0.5",
         ],
     },
     entry_points={
         "console_scripts": [
             "opdlm-train=megatron_opdlm.training.cli:main",
-        ]
+            "opdlm-lm-eval=megatron_opdlm.evaluation.lm_eval_cli:main",
+        ],
+        # harness versions that discover external models through this group
+        "lm_eval.models": ["opdlm=megatron_opdlm.evaluation.lm_eval_backend:OpdlmLM"],
     },
 )
