@@ -12,9 +12,11 @@ setup(
     packages=find_packages(include=["megatron_opdlm", "megatron_opdlm.*"]),
     package_data={
         "megatron_opdlm": [
-            "data/bundled/*.jsonl", "data/bundled/*.md",
+            "data/bundled/*.jsonl",
+            "data/bundled/*.md",
             # copied into every HF export (remote code) and read by lm-eval (--include_path)
-            "hf_export/remote_code/*.py", "evaluation/lm_eval_tasks/*",
+            "hf_export/remote_code/*.py",
+            "evaluation/lm_eval_tasks/*",
         ]
     },  # fmt: skip
     install_requires=[

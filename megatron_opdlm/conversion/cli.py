@@ -107,7 +107,9 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--remasking", choices=["static", "dynamic"], default=None,
+        "--remasking",
+        choices=["static", "dynamic"],
+        default=None,
         help="a student's default decoding in config.json (default static, 1 token per round)",
     )
     parser.add_argument("--threshold", type=float, default=None, help="default dynamic threshold")

@@ -30,8 +30,8 @@ import json
 import pickle
 from pathlib import Path
 
-import torch
 import lm_eval.models  # noqa: F401  (the harness's own models, before ours is registered)
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -83,7 +83,9 @@ class OpdlmLM(TemplateLM):
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         if self.batch_size < 1 or self.max_gen_toks < 1:
-            raise ValueError(f"batch_size={batch_size} and max_gen_toks={max_gen_toks} must be >= 1")
+            raise ValueError(
+                f"batch_size={batch_size} and max_gen_toks={max_gen_toks} must be >= 1"
+            )
         self.seed = int(seed)
         if is_hf_export(path):
             if block_size is not None or token_shift is not None:
@@ -166,8 +168,12 @@ class OpdlmLM(TemplateLM):
             barrier(self.engine.dp_group)
 
     def get_model_info(self) -> dict:
-        return {"opdlm_engine": self.engine.kind, "opdlm_decoding": vars(self.rollout),
-                "opdlm_block_size": self.engine.scoring.block_size, "opdlm_stats": self.stats}
+        return {
+            "opdlm_engine": self.engine.kind,
+            "opdlm_decoding": vars(self.rollout),
+            "opdlm_block_size": self.engine.scoring.block_size,
+            "opdlm_stats": self.stats,
+        }
 
     # ---- loglikelihood ----
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -226,11 +232,13 @@ class OpdlmLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(
+                i
+            )
         results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="opdlm generate_until")  # fmt: skip
-        for key, indices in groups.items():
+        for indices in groups.values():
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)

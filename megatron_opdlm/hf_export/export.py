@@ -85,6 +85,10 @@ def write_dlm_files(
 def model_card(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, decoding: dict) -> str:
     _, model_class, model_type = REMOTE_CLASSES[model_cfg.family]
     shift = "on (position i is predicted from i - 1)" if diffusion_cfg.token_shift else "off"
+    default = (
+        f"{decoding['remasking']}, {decoding['steps_per_block']} steps per block, greedy "
+        f"(dynamic threshold {decoding['threshold']:g})"
+    )
     return f"""---
 library_name: transformers
 tags:
@@ -106,7 +110,7 @@ code shipped here (torch + transformers {TESTED_TRANSFORMERS} only); loading it 
 | block size | {diffusion_cfg.block_size} |
 | mask token id | {model_cfg.student_mask_token_id} |
 | token shift | {shift} |
-| default decoding | {decoding["remasking"]}, {decoding["steps_per_block"]} steps per block, threshold {decoding["threshold"]:g} (dynamic), greedy |
+| default decoding | {default} |
 
 ## Usage
 ```python

@@ -172,7 +172,9 @@ def test_generate_matches_megatron_sampler(
     expected, batch, rounds = _megatron_generate(chunks, model_cfg, diffusion, rollout, 12, seed=3)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     ids, mask = _hf_inputs(model_cfg.pad_token_id)
-    sample = dict(do_sample=True, temperature=temperature, top_k=20, top_p=0.9) if temperature else {}
+    sample = (
+        dict(do_sample=True, temperature=temperature, top_k=20, top_p=0.9) if temperature else {}
+    )
     got = model.generate(
         ids, attention_mask=mask, max_new_tokens=12, remasking=remasking, threshold=0.3,
         use_cache=cache, return_dict_in_generate=True, output_logits=True,

@@ -216,8 +216,9 @@ class FullForward:
         mask = clean_mask(self.key_valid[:, :length], self.prompt.shape[1], bs)
         positions = torch.arange(length, device=x.device).expand(b, -1)
         first = length - bs - 1 if self.s.token_shift else length - bs
-        return model_logits(self.model, sequence, positions, mask, _rows((first, first + bs),
-                                                                          device=x.device))
+        return model_logits(
+            self.model, sequence, positions, mask, _rows((first, first + bs), device=x.device)
+        )
 
     def finish_block(self, x):
         self.committed.append(x)
@@ -232,8 +233,10 @@ class CachedForward:
         self.cache = DynamicCache()  # full-attention layers whatever the config says
         self.offset = 0
         self.pending = self.carry = None
-        rows = _rows((p - 1, p), device=prompt.device) if settings.token_shift else _rows(
-            device=prompt.device
+        rows = (
+            _rows((p - 1, p), device=prompt.device)
+            if settings.token_shift
+            else _rows(device=prompt.device)
         )
         logits = self._forward(prompt, rows, keep=p)
         if settings.token_shift:
@@ -343,7 +346,9 @@ def decode(
                 gen_device = generator.device if generator is not None else "cpu"
                 uniform = torch.rand((b, bs), generator=generator, device=gen_device).to(device)
             tokens, confidence, scores = propose(
-                logits.reshape(b * bs, -1), settings, None if uniform is None else uniform.reshape(-1)
+                logits.reshape(b * bs, -1),
+                settings,
+                None if uniform is None else uniform.reshape(-1),
             )
             tokens, confidence = tokens.view(b, bs), confidence.view(b, bs)
             select = remask(confidence, masked, round_index, settings) & masked

@@ -54,8 +54,10 @@ class BlockDiffusionGenerationMixin:
         def pick(name, fallback):
             if kw.get(name) is not None:
                 return kw[name]
-            if gen_cfg is not None and getattr(gen_cfg, name, None) is not None and name in (
-                "do_sample", "temperature", "top_k", "top_p", "max_new_tokens"
+            if (
+                gen_cfg is not None
+                and getattr(gen_cfg, name, None) is not None
+                and name in ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")
             ):
                 return getattr(gen_cfg, name)
             return defaults.get(name, fallback)
@@ -147,13 +149,17 @@ class BlockDiffusionGenerationMixin:
             )
         if (input_ids[valid] == settings.mask_token_id).any():
             raise ValueError(f"input_ids contain the mask token id {settings.mask_token_id}")
-        eos = _as_list(eos_token_id if eos_token_id is not None else
-                       getattr(gen_cfg, "eos_token_id", None)) or _as_list(self.config.eos_token_id)
+        eos = _as_list(
+            eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
+        ) or _as_list(self.config.eos_token_id)
         if not eos:
             raise ValueError("no eos_token_id: pass eos_token_id= (a response could never end)")
         pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
-        pad = int(pad if pad is not None else (self.config.pad_token_id
-                                               if self.config.pad_token_id is not None else eos[0]))
+        pad = int(
+            pad
+            if pad is not None
+            else (self.config.pad_token_id if self.config.pad_token_id is not None else eos[0])
+        )
         block = settings.block_size
         num_blocks = -(-max_new // block)
         if input_ids.shape[1] + num_blocks * block > self.config.max_position_embeddings:
