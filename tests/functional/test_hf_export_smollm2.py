@@ -168,7 +168,8 @@ def evaluate_qa(smollm2):
     out = smollm2["work"] / "eval.json"
     argv = ["--teacher", str(smollm2["teacher"]), "--model", f"student={smollm2['student']}",
             "--qa-items", str(QA_ITEMS), "--heldout-prompts", "0",
-            "--qa-max-new-tokens", str(QA_TOKENS), "--batch-size", "8", "--examples", str(QA_ITEMS), "--out", str(out)]  # fmt: skip
+            "--qa-max-new-tokens", str(QA_TOKENS), "--batch-size", "8",
+            "--examples", str(QA_ITEMS), "--out", str(out)]  # fmt: skip
     assert evaluate_tool.main(argv) == 0
     return json.loads(out.read_text())["models"][0]["qa"]
 
