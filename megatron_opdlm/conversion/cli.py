@@ -132,4 +132,9 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(exc)
     print(json.dumps({"out": str(result["out"]), "MiB": round(result["bytes"] / 2**20, 1)}))
+    if result["dlm"]:
+        print(
+            f"load it: AutoModelForCausalLM.from_pretrained('{result['out']}', "
+            "trust_remote_code=True).generate(...) decodes block-wise (usage in its README.md)"
+        )
     return 0

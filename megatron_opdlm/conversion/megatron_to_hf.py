@@ -119,7 +119,7 @@ def convert_megatron_to_hf(
     prefetch: bool = True,
     decoding: dict | None = None,
 ) -> dict:
-    """Export; returns {"out": path, "bytes": written, "seconds": wall}. One process.
+    """Export; returns {"out": path, "bytes": written, "seconds": wall, "dlm": a student}.
 
     `decoding`: a student's decoding defaults recorded in config.json (keys of
     hf_export.export.default_decoding; missing keys take those defaults).
@@ -187,4 +187,4 @@ def convert_megatron_to_hf(
     tmp.rename(out_dir)
     seconds = time.perf_counter() - start
     log.info("exported %s -> %s (%.1f MiB in %.1f s)", ckpt_dir, out_dir, written / 2**20, seconds)
-    return {"out": out_dir, "bytes": written, "seconds": seconds}
+    return {"out": out_dir, "bytes": written, "seconds": seconds, "dlm": diffusion_cfg is not None}

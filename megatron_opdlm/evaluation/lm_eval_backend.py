@@ -71,6 +71,12 @@ class OpdlmLM(TemplateLM):
         **unused,
     ):
         super().__init__()
+        unused.pop("trust_remote_code", None)  # the export is loaded with it: it is our code
+        if unused:
+            raise ValueError(
+                f"unknown model_args {sorted(unused)} for --model opdlm (see "
+                "megatron_opdlm/evaluation/lm_eval_backend.py)"
+            )
         if pretrained is None:
             raise ValueError("--model_args pretrained=DIR is required (a checkpoint or HF export)")
         path = Path(pretrained)
@@ -112,8 +118,6 @@ class OpdlmLM(TemplateLM):
         self._rank, self._world_size = self.engine.dp_rank, self.engine.dp_size
         self._chat = False
         self.stats = {"generated_tokens": 0, "forwards": 0, "requests": 0}
-        if unused:
-            raise ValueError(f"unknown model_args {sorted(unused)} for --model opdlm")
 
     # ---- tokenizer / chat ----
     @property
