@@ -116,6 +116,7 @@ class OpdlmLM(TemplateLM):
         self.tokenizer = self.engine.tokenizer
         self.pretrained = str(path)
         self._rank, self._world_size = self.engine.dp_rank, self.engine.dp_size
+        self._device = torch.device("cpu")  # where lm-eval puts its request counts
         self._chat = False
         self.stats = {"generated_tokens": 0, "forwards": 0, "requests": 0}
 
@@ -151,8 +152,9 @@ class OpdlmLM(TemplateLM):
 
     # ---- data parallel (lm-eval's evaluator shards requests by rank / world_size) ----
     def all_gather(self, tensor):
-        return torch.cat([torch.as_tensor(pickle.loads(bytes.fromhex(t))) for t in
-                          self._gather(pickle.dumps(tensor.cpu()).hex())])  # fmt: skip
+        parts = [torch.as_tensor(pickle.loads(bytes.fromhex(t)))
+                 for t in self._gather(pickle.dumps(tensor.cpu()).hex())]  # fmt: skip
+        return torch.stack(parts) if parts[0].dim() == 0 else torch.cat(parts)
 
     def gather_object(self, obj, dst=0):
         gathered = [pickle.loads(bytes.fromhex(t)) for t in self._gather(pickle.dumps(obj).hex())]
