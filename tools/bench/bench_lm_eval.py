@@ -6,8 +6,8 @@
 bundled SmolLM2-135M teacher is converted and used as a block-4 token-shift student with 0
 training steps (the demo's settings). The student is exported to HF once (next to --out). Each
 row is one lm_eval.simple_evaluate of `opdlm_qa` (--apply_chat_template, greedy, max_gen_toks
-24) through the `opdlm` backend, with both models loaded once and the rows interleaved; every row runs in this
-one process, so compare rows as ratios. `generate s` is the time inside generate_until (the
+24) through the `opdlm` backend, both models loaded once and the rows interleaved; every row runs
+in this one process, so compare rows as ratios. `generate s` is the time inside generate_until (the
 decoding), `wall s` the whole simple_evaluate call. Prints a table and writes JSON.
 """
 
