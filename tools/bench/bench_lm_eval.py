@@ -133,6 +133,7 @@ def main(argv=None) -> int:
             r["remasking"],
             r["batch_size"],
             f"{r['seconds']:.1f}",
+            f"{r['generate_seconds']:.1f}",
             f"{ratio:.2f}",
             f"{r['exact_match']:.3f}",
             f"{r['tokens_per_forward']:.2f}",

@@ -18,6 +18,7 @@ Masks are passed as 4D additive float masks, which transformers uses as given.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -98,13 +99,17 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def model_logits(model, tokens, positions, mask, rows, cache=None) -> torch.Tensor:
     """Logits [b, n, V] (float32) at query `rows` of one forward with a custom 4D mask."""
+    # transformers >= 5.24 names the cache argument `cache` (`past_key_values` before)
+    cache_name = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else ("past_key_values")
+    )
     out = model(
         input_ids=tokens,
         position_ids=positions,
         attention_mask=additive(mask, model.dtype),
-        past_key_values=cache,
         use_cache=cache is not None,
         logits_to_keep=rows,
+        **{cache_name: cache},
     )
     return out.logits.float()
 
