@@ -10,7 +10,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_opdlm", "megatron_opdlm.*"]),
-    package_data={"megatron_opdlm": ["data/bundled/*.jsonl", "data/bundled/*.md"]},
+    package_data={
+        "megatron_opdlm": [
+            "data/bundled/*.jsonl",
+            "data/bundled/*.md",
+            # copied into every HF export (remote code) and read by lm-eval (--include_path)
+            "hf_export/remote_code/*.py",
+            "evaluation/lm_eval_tasks/*",
+        ]
+    },  # fmt: skip
     install_requires=[
         # megatron-core's own floor, so that the torch of an NGC PyTorch image (a 2.x pre-release
         # build) satisfies it and pip leaves it alone; the exact versions the suite is measured
@@ -31,6 +39,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         # transformers + gguf + accelerate: HF parity checks and loading the bundled SmolLM2 GGUF.
         "hf": ["transformers>=4.45", "gguf", "accelerate", "matplotlib"],
+        # lm-evaluation-harness backend (megatron_opdlm.evaluation.lm_eval_backend); the HF
+        # export's remote code needs transformers 5.x
+        "eval": ["lm-eval>=0.4.8,<0.5", "transformers>=5.0,<6"],
         "dev": [
             "pytest",
             "pytest-timeout",
@@ -39,11 +50,15 @@ setup(
             "gguf",
             "accelerate",
             "matplotlib",
+            "lm-eval>=0.4.8,<0.5",
         ],
     },
     entry_points={
         "console_scripts": [
             "opdlm-train=megatron_opdlm.training.cli:main",
-        ]
+            "opdlm-lm-eval=megatron_opdlm.evaluation.lm_eval_cli:main",
+        ],
+        # harness versions that discover external models through this group
+        "lm_eval.models": ["opdlm=megatron_opdlm.evaluation.lm_eval_backend:OpdlmLM"],
     },
 )

@@ -133,15 +133,35 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--remasking",
+        choices=["static", "dynamic"],
+        default=None,
+        help="a student's default decoding in config.json (default static, 1 token per round)",
+    )
+    parser.add_argument("--threshold", type=float, default=None, help="default dynamic threshold")
+    parser.add_argument("--steps-per-block", type=int, default=None, help="default rounds/block")
     args = parser.parse_args(argv)  # fmt: skip
     from megatron_opdlm.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    decoding = {
+        key: value
+        for key, value in (("remasking", args.remasking), ("threshold", args.threshold),
+                           ("steps_per_block", args.steps_per_block))
+        if value is not None
+    }  # fmt: skip
 
     try:
         result = convert_megatron_to_hf(
             args.ckpt, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
-            progress=not args.no_progress,
+            progress=not args.no_progress, decoding=decoding,
         )  # fmt: skip
     except ValueError as exc:
         return _fail(exc)
     print(json.dumps({"out": str(result["out"]), "MiB": round(result["bytes"] / 2**20, 1)}))
+    if result["dlm"]:
+        print(
+            f"load it: AutoModelForCausalLM.from_pretrained('{result['out']}', "
+            "trust_remote_code=True).generate(...) decodes block-wise (usage in its README.md)"
+        )
     return 0

@@ -33,6 +33,9 @@ def supported_architectures() -> list[str]:
 
 def detect_family(hf: dict) -> str:
     """Family name from `architectures` (preferred) or `model_type`."""
+    exported_family = (hf.get(OPDLM_KEY) or {}).get("family")  # a student exported as a DLM
+    if exported_family in FAMILIES:
+        return exported_family
     archs = hf.get("architectures") or []
     for family, (arch, *_) in FAMILIES.items():
         if arch in archs:

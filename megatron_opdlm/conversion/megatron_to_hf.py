@@ -5,7 +5,9 @@ shard is created with its header up front and each stored chunk of the checkpoin
 and scattered straight to its rows in the HF tensors (q/k/v rows out of the interleaved groups,
 gate/up out of linear_fc1, padding rows dropped). Memory is one stored chunk. An AR model keeps
 `vocab_size` embedding rows; a student keeps its added mask row and records its diffusion
-settings in config.json (`hf_config.hf_config_from_model`).
+settings in config.json (`hf_config.hf_config_from_model`), and is written as a DLM
+(`hf_export.export`): its own model_type and remote code whose `generate` decodes block-wise,
+decoding defaults in config.json, a model card.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from megatron_opdlm.conversion.hf_config import export_vocab_rows, hf_config_fro
 from megatron_opdlm.conversion.hf_to_megatron import DTYPES, _progress
 from megatron_opdlm.conversion.mappings import Dims, Mapping, overlapping
 from megatron_opdlm.conversion.safetensors_io import INDEX_FILE, ShardWriter
+from megatron_opdlm.hf_export.export import check_decoding, default_decoding, write_dlm_files
 from megatron_opdlm.runtime.logging import get_logger
 
 log = get_logger(__name__)
+CONFIG_FILE = "config.yaml"  # the trainer's resolved JobConfig beside a saved student
 _HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -113,8 +117,13 @@ def convert_megatron_to_hf(
     max_shard_gb: float = 5.0,
     progress: bool = False,
     prefetch: bool = True,
+    decoding: dict | None = None,
 ) -> dict:
-    """Export; returns {"out": path, "bytes": written, "seconds": wall}. One process."""
+    """Export; returns {"out": path, "bytes": written, "seconds": wall, "dlm": a student}.
+
+    `decoding`: a student's decoding defaults recorded in config.json (keys of
+    hf_export.export.default_decoding; missing keys take those defaults).
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     if out_dir.exists():
@@ -124,6 +133,12 @@ def convert_megatron_to_hf(
     ckpt_dir = checkpoint_layout.resolve_checkpoint_dir(ckpt_dir)
     model_cfg, diffusion_cfg = checkpoint_layout.read_model_meta(ckpt_dir)
     dims = Dims(model_cfg, export_vocab_rows(model_cfg, diffusion_cfg))
+    if diffusion_cfg is not None:
+        decoding = {
+            **default_decoding(diffusion_cfg.block_size, ckpt_dir / CONFIG_FILE),
+            **(decoding or {}),
+        }
+        check_decoding(decoding, diffusion_cfg.block_size)
     mappings = mappings_for(model_cfg)
     out_dtype = DTYPES[dtype] if dtype else None
     with DistCheckpointReader(ckpt_dir / checkpoint_layout.MODEL_DIR) as reader:
@@ -167,7 +182,9 @@ def convert_megatron_to_hf(
     if tokenizer.is_dir():
         for item in tokenizer.iterdir():
             shutil.copy2(item, tmp / item.name)
+    if diffusion_cfg is not None:
+        write_dlm_files(tmp, model_cfg, diffusion_cfg, decoding)
     tmp.rename(out_dir)
     seconds = time.perf_counter() - start
     log.info("exported %s -> %s (%.1f MiB in %.1f s)", ckpt_dir, out_dir, written / 2**20, seconds)
-    return {"out": out_dir, "bytes": written, "seconds": seconds}
+    return {"out": out_dir, "bytes": written, "seconds": seconds, "dlm": diffusion_cfg is not None}

@@ -60,6 +60,11 @@ class RolloutAborted(RuntimeError):
     """generate() stopped before a block because `should_abort` said so; nothing is returned."""
 
 
+# stop_rows(response [b, w], lengths [b]) -> [b] bool: called after each committed block on every
+# rank (the same tokens everywhere); rows where it is True end there, as at an EOS (stop strings).
+StopRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def validate_request(
     prompts: list[list[int]],
     model_cfg: ModelConfig,
@@ -146,6 +151,7 @@ def generate(
     return_confidences: bool = False,
     round_callback: RoundCallback | None = None,
     should_abort: AbortCheck | None = None,
+    stop_rows: StopRows | None = None,
 ) -> RolloutBatch:
     """Decode `prompts` (this data-parallel rank's) with the block-diffusion sampler.
 
@@ -172,6 +178,7 @@ def generate(
         round_callback,
         should_abort,
     )
+    decoder.stop_rows = stop_rows
     with (
         eval_mode(model_chunks),
         sequence_parallel_off(model_chunks),
@@ -200,6 +207,7 @@ class _Decoder:
     ):
         self.runner, self.strategy, self.callback = runner, strategy, round_callback
         self.should_abort = should_abort
+        self.stop_rows: StopRows | None = None
         self.model_cfg, self.rollout_cfg = model_cfg, rollout_cfg
         self.prompt_tokens, self.prompt_valid = prompt_tokens, prompt_valid
         self.block_size, self.token_shift = diffusion_cfg.block_size, diffusion_cfg.token_shift
@@ -300,6 +308,10 @@ class _Decoder:
                 forward.finish_block(x)
                 self._end_of_block(x)
                 blocks += 1
+                if self.stop_rows is not None:
+                    width = blocks * self.block_size
+                    stop = self.stop_rows(self.response[:, :width], self.lengths)
+                    self.done |= stop.to(self.device).bool()
         finally:
             forward.free()
         return self._batch(blocks * self.block_size, return_confidences)

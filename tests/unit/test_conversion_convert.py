@@ -102,11 +102,13 @@ def test_student_export_keeps_mask_row_and_reloads(llama_hf, tmp_path):
     emb = _stored(ckpt, "embedding.word_embeddings.weight")
     assert torch.equal(exported["model.embed_tokens.weight"], emb[: cfg.vocab_size + 1])
     config = json.loads((tmp_path / "student" / "config.json").read_text())
+    decoding = config["opdlm"].pop("decoding")
     assert config["opdlm"] == {
         "block_size": 4, "token_shift": False, "mask_token_id": cfg.vocab_size,
-        "vocab_size": cfg.vocab_size, "mask_token_id_config": None,
+        "vocab_size": cfg.vocab_size, "mask_token_id_config": None, "family": "llama",
     }  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert decoding["remasking"] == "static" and decoding["steps_per_block"] == 4
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student", trust_remote_code=True)
     assert model.get_input_embeddings().weight.shape[0] == cfg.vocab_size + 1
     # and it converts back into the same Megatron checkpoint layout
     convert_hf_to_megatron(tmp_path / "student", tmp_path / "again")

@@ -1,0 +1,1 @@
+"""Hugging Face export of a block-diffusion student: remote code, config and model card."""
