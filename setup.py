@@ -42,6 +42,7 @@ setup(
     entry_points={
         "console_scripts": [
             "opdlm-train=megatron_opdlm.training.cli:main",
+            "opdlm-plan=megatron_opdlm.planning.cli:main",
         ]
     },
 )

@@ -238,18 +238,36 @@ def build_request(args: argparse.Namespace):
         par.vpp = None
         dp = world
     job.validate(world if not args.search else None)
-    top_k = args.top_k
+    req = request_from_job(job, dp * par.tp * par.pp, gpu, args.gpus_per_node,
+                           recompute=args.recompute, attention=args.attention, impl=args.impl,
+                           top_k=args.top_k)  # fmt: skip
+    return req, model_for_tp, args.search
+
+
+def request_from_job(
+    job: JobConfig,
+    world: int,
+    gpu,
+    gpus_per_node: int,
+    recompute: str | None = None,
+    attention: str = "dense",
+    impl: str | None = None,
+    top_k: int | None = None,
+) -> PlanRequest:
+    """The PlanRequest of a trainer job at `world` GPUs (knobs left None follow the job)."""
+    from megatron_opdlm.training.setup import ROLLOUT_MODES, TEACHER_MODES
+
     if top_k is None:
         top_k = job.distill.top_k if job.distill.divergence == "topk_forward_kl" else 0
-    recompute = args.recompute or job.precision.recompute
-    response = (
-        job.curriculum.length_max
-        if job.curriculum.schedule != "none"
-        else job.rollout.max_new_tokens
-    )
-    req = PlanRequest(
-        job=job, dp=dp, prompt_length=job.data.max_prompt_length, response_length=response,
-        gpu=gpu, gpus_per_node=args.gpus_per_node, recompute=recompute,
-        attention=args.attention, impl=args.impl, top_k=top_k or None,
+    if impl is None:
+        impl = "local" if job.precision.transformer_impl == "local" else "transformer_engine"
+    cap = job.curriculum.length_max if job.curriculum.schedule != "none" else None
+    return PlanRequest(
+        job=job, dp=world // (job.parallel.tp * job.parallel.pp),
+        prompt_length=job.data.max_prompt_length,
+        response_length=cap or job.rollout.max_new_tokens,
+        gpu=gpu, gpus_per_node=gpus_per_node, recompute=recompute or job.precision.recompute,
+        attention=attention, impl=impl, top_k=top_k or None,
+        with_teacher=job.distill.mode in TEACHER_MODES or job.data.eval_prompts is not None,
+        with_rollout=job.distill.mode in ROLLOUT_MODES,
     )  # fmt: skip
-    return req, model_for_tp, args.search

@@ -47,6 +47,8 @@ class PlanRequest:
     attention: str = "dense"  # dense (unfused, arbitrary mask) | flex
     impl: str = "transformer_engine"  # activation model: transformer_engine | local
     top_k: int | None = None  # teacher targets: None = full vocabulary, else top-K
+    with_teacher: bool = True  # a teacher is built (every mode but mdlm_sft without eval)
+    with_rollout: bool = True  # the student rolls out (opdlm, opdlm_off)
     allowance: Allowance = field(default_factory=Allowance)
 
     @property
@@ -205,7 +207,7 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
         state = params.student_state_bytes(job, req.dp, s_count.tp_rank, pp_rank)
         last = pp_rank == par.pp - 1
         # FP8 (TE): an FP8 copy of each weight is cached next to the high-precision one
-        teacher_w = t_count.params * (e + (1 if fp8 else 0))
+        teacher_w = t_count.params * (e + (1 if fp8 else 0)) if req.with_teacher else 0
         resident = {
             "teacher_weights": teacher_w,
             "student_weights": state.weights + (s_count.params if fp8 else 0),
@@ -219,11 +221,12 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
         boundary = e * seq_student * mbs * job.model.hidden_size  # one p2p activation tensor
         # p2p send/recv of stage boundaries; Megatron's global buffer for the SP all-gather
         comm = (2 * boundary if par.pp > 1 else 0) + (boundary if par.sequence_parallel else 0)
-        kv = kv_cache_bytes(req, s_count.layers)
+        kv = kv_cache_bytes(req, s_count.layers) if req.with_rollout else 0
         rows = req.rollout_rows
         sampler = rows * 2 * block * vocab * 4 * 3 if last else 0  # gathered logits, probs
-        prefill = _no_grad_layer_bytes(req, rows, p, p)
-        held = _targets_held(req) if last else 0
+        prefill = _no_grad_layer_bytes(req, rows, p, p) if req.with_rollout else 0
+        sampler = sampler if req.with_rollout else 0
+        held = _targets_held(req) if last and req.with_teacher else 0
         masks = _packed_masks(req)
         teacher_logits = _logit_bytes(req, mbs, r + 1, e + 8) if last else 0
         student_logits = 0

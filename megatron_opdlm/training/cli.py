@@ -29,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--load", help="resume from this checkpoint (same as checkpoint.load=...)")
+    parser.add_argument(
+        "--skip-preflight", action="store_true",
+        help="do not run the memory planner before building models (train.preflight=false)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
 
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.load:
         overrides.append(f"checkpoint.load={args.load}")
+    if args.skip_preflight:
+        overrides.append("train.preflight=false")
     try:
         job = load_config(args.config, overrides)
     except ValueError as exc:
@@ -48,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_opdlm.training.trainer import Trainer
 
     try:
+        from megatron_opdlm.planning.preflight import preflight
+
+        if not preflight(job):
+            return 2
         try:
             trainer = Trainer(job)
         except ValueError as exc:
