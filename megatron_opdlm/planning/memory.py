@@ -236,6 +236,9 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
         working = activations.layer_working_bytes(shape, req.impl, req.attention, req.recompute)
         stored = per_chunk_act * in_flight if par.vpp else act_one * in_flight
         owned = state.adam_moments // 8  # optimizer elements on this rank
+        # torch's foreach Adam (no TE/Apex) materialises the fp32 denominator of the update;
+        # Transformer Engine's / Apex's fused multi-tensor Adam does not
+        adam_temporaries = 4 * owned if req.impl == "local" else 0
         save_gather = 0
         if par.use_distributed_optimizer and req.dp > 1:
             # fully_reshardable save: the DP-sharded optimizer state is all-gathered on GPU
@@ -250,7 +253,7 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
             "student": {**resident, "packed_masks": masks, "teacher_targets": held,
                         "activations": stored, "backward_working_set": working,
                         "student_logits_softmax_grads": student_logits, "comm_buffers": comm},
-            "optimizer": {**resident, "optimizer_temporaries": 2 * 4 * owned},
+            "optimizer": {**resident, "optimizer_temporaries": adam_temporaries},
             "checkpoint": {**resident, "checkpoint_gather": save_gather},
         }  # fmt: skip
         components = {name: max(ph.get(name, 0) for ph in phases.values())

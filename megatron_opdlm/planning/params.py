@@ -166,9 +166,15 @@ def _rope_on_cpu():
         builder._llama3_inv_freq = original
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=512)
+def _meta_chunks_cached(key: str, role: str, tp_rank: int, pp_rank: int, job: JobConfig):
+    """Meta modules hold no storage: keep them for the counts and the buffer layout alike."""
+    return build_meta_chunks(job, role, tp_rank, pp_rank)
+
+
+@functools.lru_cache(maxsize=512)
 def _rank_count_cached(key: str, role: str, tp_rank: int, pp_rank: int, job: JobConfig):
-    chunks = build_meta_chunks(job, role, tp_rank, pp_rank)
+    chunks = _meta_chunks_cached(key, role, tp_rank, pp_rank, job)
     return RankCount(tp_rank, pp_rank, tuple(_count_chunk(c) for c in chunks))
 
 
@@ -227,9 +233,10 @@ class StateBytes:
 
 
 def _meta_params(job: JobConfig, tp_rank: int, pp_rank: int) -> list[list[torch.nn.Parameter]]:
+    key = _layout_key(job)
     return [
         [p for p in chunk.parameters() if p.requires_grad]
-        for chunk in build_meta_chunks(job, "student", tp_rank, pp_rank)
+        for chunk in _meta_chunks_cached(key, "student", tp_rank, pp_rank, _Frozen(job, key))
     ]
 
 
