@@ -120,4 +120,5 @@ def final_norm_and_head_bytes(
     else:
         norm = (2 * x.elem * sbh + 4 * x.seq * x.batch) // x.outside_tp
     rows = projected_rows if projects_rows else x.seq
-    return norm + x.elem * rows * x.batch * x.hidden
+    index = 8 * projected_rows if projects_rows else 0  # the int64 columns index_select keeps
+    return norm + x.elem * rows * x.batch * x.hidden + index

@@ -68,6 +68,8 @@ def test_model_state_bytes_exact(results):
     for rank, per_layout in enumerate(results):
         for (name, recompute), row in per_layout.items():
             if recompute == "none":
+                print(f"{name:<12} rank {rank}: measured {row['measured_state']} "
+                      f"predicted {row['predicted_state']}")  # fmt: skip
                 assert row["measured_state"] == row["predicted_state"], (name, rank, row)
 
 
