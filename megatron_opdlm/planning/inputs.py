@@ -193,6 +193,7 @@ def build_request(args: argparse.Namespace):
         job.rollout.max_new_tokens = 4000
     else:
         job = load_config(args.config, list(args.overrides))
+        adopt_teacher_architecture(job)
     par, train = job.parallel, job.train
     _set(par, "tp", args.tp)
     _set(par, "pp", args.pp)
@@ -242,6 +243,18 @@ def build_request(args: argparse.Namespace):
                            recompute=args.recompute, attention=args.attention, impl=args.impl,
                            top_k=args.top_k)  # fmt: skip
     return req, model_for_tp, args.search
+
+
+def adopt_teacher_architecture(job: JobConfig) -> None:
+    """The trainer takes the model section from checkpoint.teacher: so does the planner."""
+    if job.checkpoint.teacher is None:
+        return
+    from megatron_opdlm.training.setup import adopt_teacher_model_config
+
+    try:
+        adopt_teacher_model_config(job)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint.teacher={job.checkpoint.teacher}: {exc}") from None
 
 
 def request_from_job(

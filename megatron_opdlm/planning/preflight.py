@@ -11,6 +11,7 @@ Every rank computes the same plan (deterministic, no communication), rank 0 logs
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.planning import report
 from megatron_opdlm.planning.gpus import GPU, custom_gpu, gpu_by_name
-from megatron_opdlm.planning.inputs import request_from_job
+from megatron_opdlm.planning.inputs import adopt_teacher_architecture, request_from_job
 from megatron_opdlm.planning.search import Efficiency, evaluate, search
 from megatron_opdlm.runtime.logging import get_logger
 
@@ -57,6 +58,12 @@ def preflight(job: JobConfig) -> bool:
         log.info("preflight: skipped on a CPU (set train.preflight_gpu to plan for a GPU)")
         return True
     world = dist.get_world_size() if dist.is_initialized() else 1
+    job = copy.deepcopy(job)  # the trainer adopts the teacher's architecture itself, later
+    try:
+        adopt_teacher_architecture(job)
+    except ValueError as exc:  # the trainer reports a bad teacher checkpoint
+        log.info("preflight: skipped (%s)", exc)
+        return True
     req = request_from_job(job, world, gpu, _gpus_per_node(world))
     eff = Efficiency()
     candidate = evaluate(req, eff)

@@ -46,3 +46,13 @@ def test_train_cli_exits_2_before_building_models(monkeypatch, caplog):
                  "model.eos_token_ids=[1]", "model.pad_token_id=0"]  # fmt: skip
     assert cli.main(overrides) == 2
     assert "predicted NOT to fit" in caplog.text
+
+
+def test_plans_the_teacher_checkpoints_architecture(single_process, tmp_path, caplog):
+    """The trainer takes the model section from checkpoint.teacher; the preflight must too."""
+    from megatron_opdlm.conversion.checkpoint_io import write_model_meta
+
+    write_model_meta(tmp_path, tiny_config(*BIG).model, None)
+    job = tiny_config(f"checkpoint.teacher={tmp_path}", "train.preflight_gpu=l40s-48g")
+    assert not preflight(job)  # the tiny model section alone would fit easily
+    assert job.model.num_layers == 2  # the job itself is left to the trainer
