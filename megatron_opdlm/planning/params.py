@@ -97,7 +97,6 @@ class ChunkCount:
     """Tensors of one model chunk (one VPP stage on one rank)."""
 
     params: int  # elements of all parameters (tied weights counted once)
-    trainable_shapes: tuple[int, ...]  # numel of each trainable parameter, in named order
     layers: int  # transformer layers in this chunk
     has_embedding: bool
     has_output_layer: bool  # a separate output weight (untied, or the tied copy on the last PP)
@@ -129,7 +128,6 @@ def _count_chunk(module: torch.nn.Module) -> ChunkCount:
     has_output = output is not None and getattr(output, "weight", None) is not None
     return ChunkCount(
         params=sum(p.numel() for _, p in params),
-        trainable_shapes=tuple(p.numel() for _, p in params),
         layers=len(gpt.decoder.layers),
         has_embedding=hasattr(gpt, "embedding"),
         has_output_layer=has_output,
@@ -293,10 +291,3 @@ def student_state_bytes(
         main_params=owned * 4 if half else 0,
         adam_moments=owned * 8,
     )
-
-
-def teacher_weight_bytes(job: JobConfig, count: RankCount, fp8: bool = False) -> int:
-    """Teacher weights of one rank: params x dtype bytes (FP8 halves the linear weights' bytes
-    only where TE keeps FP8 weights; we state 1 byte/param for the FP8 case)."""
-    elem = torch.tensor([], dtype=TORCH_DTYPES[job.precision.dtype]).element_size()
-    return count.params * (1 if fp8 else elem)
