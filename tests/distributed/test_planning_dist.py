@@ -87,4 +87,6 @@ def test_kv_cache_bytes_exact(results):
     for rank, per_layout in enumerate(results):
         for (name, recompute), row in per_layout.items():
             if recompute == "none":
+                print(f"{name:<12} rank {rank}: KV cache measured {row['measured_kv']} "
+                      f"predicted {row['predicted_kv']}")  # fmt: skip
                 assert row["measured_kv"] == row["predicted_kv"], (name, rank, row)

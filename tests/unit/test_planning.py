@@ -32,8 +32,10 @@ def test_tp1_state_activations_and_kv_cache(single_process, dtype):
             measured,
             predicted,
         )
-    assert pm.measure_state(job) == pm.predict_state(job, 1, 0, 0, 0)
-    assert pm.measure_kv_cache(job) == pm.predict_kv_cache(job, 1, 0)
+    state, kv = pm.measure_state(job), pm.measure_kv_cache(job)
+    print(f"tp1 {dtype}: state {state} KV cache {kv}")
+    assert state == pm.predict_state(job, 1, 0, 0, 0)
+    assert kv == pm.predict_kv_cache(job, 1, 0)
 
 
 def test_fake_layout_restores_parallel_state(single_process):
@@ -104,3 +106,28 @@ def test_llama3_70b_tp8_pp2_dp4_does_not_fit_and_kv_cache_counted(tmp_path):
     rollout = plan["ranks"][0]["phases"]["rollout"]
     # K and V: 2 x (2000 + 4000) x 32 rows x 1 kv head/TP rank x 128 x 2 B x 40 layers
     assert rollout["kv_cache"] == 2 * 6000 * 32 * 1 * 128 * 2 * 40
+
+
+def test_search_keeps_valid_layouts_fitting_first_fastest_first():
+    from megatron_opdlm.planning import memory, search
+    from megatron_opdlm.planning.gpus import GPU
+
+    job = tiny_config("model.num_layers=4", "precision.dtype=bf16", "train.global_batch_size=4",
+                      "train.prompts_per_rollout=8")  # fmt: skip
+    probe = memory.PlanRequest(job=job, dp=4, prompt_length=8, response_length=16,
+                               gpu=GPU("probe", 2**40, 1e3, 0, 1e3, 1e2, 1e1),
+                               allowance=memory.Allowance(0, 0.0))  # fmt: skip
+    cands = search.search(probe)
+    # 2 kv heads: TP 4 does not divide them; 4 layers: PP x VPP must divide 4
+    assert {(c.tp, c.pp, c.vpp) for c in cands} == {
+        (1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 4, None), (1, 2, 2),
+        (2, 2, 2),
+    }  # fmt: skip
+    needs = sorted(c.plan.required_bytes() for c in cands)
+    limit = needs[len(needs) // 2]  # a GPU on which about half the layouts fit
+    probe.gpu = GPU("half", limit, 1e3, 0, 1e3, 1e2, 1e1)
+    cands = search.search(probe)
+    fits = [c.fits for c in cands]
+    assert any(fits) and not all(fits) and fits == sorted(fits, reverse=True)
+    times = [c.time.total for c in cands if c.fits]
+    assert times == sorted(times)
