@@ -225,7 +225,7 @@ def build_request(args: argparse.Namespace):
     else:
         if world % model_parallel and not args.search:
             raise ValueError(
-                f"world size {world} ({args.nodes} nodes x {args.gpus_per_node}) is not divisible "
+                f"world size {world} (--nodes x --gpus-per-node, or WORLD_SIZE) is not divisible "
                 f"by TP {par.tp} x PP {par.pp}; pick sizes that divide it or use --search"
             )
         dp = world // model_parallel if world % model_parallel == 0 else 1
