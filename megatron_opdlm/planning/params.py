@@ -10,13 +10,14 @@ alignment, bucket ends padded to lcm(DP, 128)) applied to those meta parameters.
 How one process builds another rank's modules (`fake_layout`): Megatron-Core asks
 `parallel_state` for sizes and ranks, and its modules read `group.size()` / `group.rank()` of the
 process groups in their `pg_collection` (and only when `torch.distributed.is_initialized()`).
-We start a one-process gloo world when none exists, then swap `parallel_state`'s module globals
-for the duration of the build: every process-group global becomes a `FakeGroup(size, rank)`
-with the layout's sizes and the rank being built, and the `_MPU_*` size/rank overrides (the
-setters Megatron's own tests use) are set. Nothing communicates while building on the meta
-device (`init_model_with_meta_device` skips the tied-embedding all-reduce;
-`perform_initialization=False` skips weight init). Every global is restored afterwards, so the
-preflight can run inside a training process whose real parallel state is already set up.
+We start a one-process gloo world when none exists (destroyed again afterwards), then swap
+`parallel_state`'s module globals for the duration of the build: every process-group global
+becomes a `FakeGroup(size, rank)` with the layout's sizes and the rank being built, and the
+`_MPU_*` size/rank overrides (the setters Megatron's own tests use) are set. Nothing
+communicates while building on the meta device (`init_model_with_meta_device` skips the
+tied-embedding all-reduce; `perform_initialization=False` skips weight init). Every global is
+restored afterwards, so the preflight can run inside a training process whose real parallel
+state is already set up.
 """
 
 from __future__ import annotations
@@ -55,16 +56,19 @@ class FakeGroup:
 _GLOBAL_NAME = re.compile(r"^_[A-Z][A-Z0-9_]*$")
 
 
-def _ensure_world() -> None:
-    """Megatron only consults group sizes when torch.distributed is up: a 1-rank gloo world."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+def _ensure_world() -> bool:
+    """Megatron only consults group sizes when torch.distributed is up: a 1-rank gloo world.
+    True when it was started here (and is to be destroyed after the build)."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 @contextlib.contextmanager
 def fake_layout(tp: int, pp: int, vpp: int | None, tp_rank: int, pp_rank: int):
     """parallel_state answers as rank (tp_rank, pp_rank) of a tp x pp layout (see module doc)."""
-    _ensure_world()
+    created = _ensure_world()
     saved = {k: v for k, v in vars(parallel_state).items() if _GLOBAL_NAME.match(k)}
     try:
         for name in saved:
@@ -90,6 +94,8 @@ def fake_layout(tp: int, pp: int, vpp: int | None, tp_rank: int, pp_rank: int):
     finally:
         for name, value in saved.items():
             setattr(parallel_state, name, value)
+        if created:  # leave no process group behind for the caller
+            dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
