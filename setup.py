@@ -57,6 +57,7 @@ setup(
         "console_scripts": [
             "opdlm-train=megatron_opdlm.training.cli:main",
             "opdlm-lm-eval=megatron_opdlm.evaluation.lm_eval_cli:main",
+            "opdlm-plan=megatron_opdlm.planning.cli:main",
         ],
         # harness versions that discover external models through this group
         "lm_eval.models": ["opdlm=megatron_opdlm.evaluation.lm_eval_backend:OpdlmLM"],

@@ -336,6 +336,14 @@ class TrainConfig:
     tensorboard: bool = doc(True, "write TensorBoard scalars under run_dir/tensorboard")
     nan_policy: Literal["stop", "skip"] = doc("stop", "non-finite loss/grad/teacher: stop or skip")
     deadline_minutes: float = doc(0.0, "save and exit after this wall time; 0 = no deadline")
+    preflight: bool = doc(
+        True,
+        "plan memory before building models and stop if the layout will not fit "
+        "(docs/planning.md); runs on GPUs, or on a CPU when preflight_gpu is set",
+    )
+    preflight_gpu: str | None = doc(
+        None, "GPU to plan against (a planner name, e.g. h100-80g); None = this machine's GPU"
+    )
 
     def validate(self) -> None:
         for name in (

@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only check the config, the layout against the launch's task count and the "
         "checkpoint paths (no process group, no model), then exit 0 or 2",
     )  # fmt: skip
+    parser.add_argument(
+        "--skip-preflight", action="store_true",
+        help="do not run the memory planner before building models (train.preflight=false)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
 
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None, early_signals: list | None = None) -> in
     overrides = list(args.overrides)
     if args.load:
         overrides.append(f"checkpoint.load={args.load}")
+    if args.skip_preflight:
+        overrides.append("train.preflight=false")
     try:
         job = load_config(args.config, overrides)
         check_launch(job)
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None, early_signals: list | None = None) -> in
     from megatron_opdlm.training.trainer import Trainer
 
     try:
+        from megatron_opdlm.planning.preflight import preflight as memory_preflight
+
+        if not memory_preflight(job):  # the planner: does this layout fit the GPUs?
+            return 2
         try:
             trainer = Trainer(job)
         except ValueError as exc:
