@@ -177,9 +177,24 @@ class PrecisionConfig:
     transformer_impl: Literal["auto", "transformer_engine", "local"] = doc(
         "auto", "layer spec: auto = Transformer Engine when CUDA and TE import, else local"
     )
-    recompute: Literal["none", "full"] = doc("none", "activation recompute of whole layers")
+    recompute: Literal["none", "full", "selective"] = doc(
+        "none",
+        "activation recompute: full = whole layers; selective = core attention only (keeps the "
+        "linears' activations, recomputes the S x S-sized part; megatron's core_attn module)",
+    )
+    attention_backend: Literal["auto", "flex", "te", "local"] = doc(
+        "auto",
+        "core attention: flex = FlexAttention on the block-diffusion mask predicates, no S x S "
+        "tensor on GPUs (models.flex_attention); te = TEDotProductAttention; local = megatron's "
+        "DotProductAttention; auto = flex on a GPU, else the layer implementation's own core",
+    )
 
     def validate(self) -> None:
+        if self.attention_backend == "te" and self.transformer_impl == "local":
+            raise ValueError(
+                "precision.attention_backend=te needs precision.transformer_impl="
+                "transformer_engine (or auto on a GPU with TE); use flex or local"
+            )
         if self.fp8 != "none" and self.transformer_impl == "local":
             raise ValueError(
                 f"precision.fp8={self.fp8} needs Transformer Engine layers; "

@@ -20,7 +20,8 @@ import torch
 
 from megatron_opdlm.diffusion.kv_cache import BlockKVCache, ExplicitMasks
 from megatron_opdlm.diffusion.model_runner import ModelRunner
-from megatron_opdlm.models.masks import aligned_block_ids, block_causal_mask, block_diffusion_mask
+from megatron_opdlm.models import mask_functions
+from megatron_opdlm.models.masks import attention_input, mask_format
 
 
 def _rows(*ranges: tuple[int, int], device) -> torch.Tensor:
@@ -43,12 +44,14 @@ class FullBlockForward:
         self.runner, self.prompt, self.key_valid = runner, prompt, key_valid  # [b, P], [b, P+R]
         self.block_size, self.token_shift = block_size, token_shift
         self.committed: list[torch.Tensor] = []  # finished blocks, [b, B] each
+        self.mask_format = mask_format(runner.chunks)  # dense, or columns for a flex core
 
     def block_logits(self, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
         sequence = torch.cat([self.prompt, *self.committed, x], dim=1)  # [b, L]
         b, length = sequence.shape
         p, bs = self.prompt.shape[1], self.block_size
-        mask = block_causal_mask(length, p, bs, valid=self.key_valid[:, :length])  # [b,1,L,L]
+        columns = mask_functions.student_columns(length, p, bs, valid=self.key_valid[:, :length])
+        mask = attention_input(columns, self.mask_format)  # [b, 1, L, L] or [b, 3, L]
         positions = torch.arange(length, device=x.device).expand(b, -1)
         first = length - bs - 1 if self.token_shift else length - bs
         rows = _rows((first, first + bs), device=x.device)
@@ -78,10 +81,12 @@ class CachedBlockForward:
         self.prompt_length = p
         self.cache = BlockKVCache(b, key_valid.shape[1])
         self.explicit_masks = ExplicitMasks(runner.chunks)
+        self.mask_format = mask_format(runner.chunks)  # dense, or columns for a flex core
         self.pending: torch.Tensor | None = None  # finished block not yet in the cache, [b, B]
         self.carry: torch.Tensor | None = None  # [b, V] logits of the last committed token
         # prefill: the block-causal prompt, pad keys masked (a pad query sees only itself)
-        mask = block_causal_mask(p, p, block_size, valid=key_valid[:, :p])  # [b, 1, P, P]
+        columns = mask_functions.student_columns(p, p, block_size, valid=key_valid[:, :p])
+        mask = attention_input(columns, self.mask_format)  # [b, 1, P, P] or [b, 3, P]
         rows = (
             _rows((p - 1, p), device=prompt.device) if token_shift else _rows(device=prompt.device)
         )
@@ -98,23 +103,13 @@ class CachedBlockForward:
             return self.runner.forward(queries, positions, mask, rows, self.cache.context)
 
     def _mask(self, num_queries: int) -> torch.Tensor:
-        """[b, 1, n, offset + n]: queries at columns offset.. see the committed prefix, their own
-        block and earlier query blocks (block-causal on clean tokens), never padding."""
-        offset, device = self.cache.offset, self.key_valid.device
-        keys = offset + num_queries
-        b = self.key_valid.shape[0]
-        key_block = aligned_block_ids(
-            torch.arange(keys, device=device), self.prompt_length, self.block_size
-        ).expand(b, -1)
-        clean = torch.zeros(b, keys, dtype=torch.bool, device=device)
-        return block_diffusion_mask(
-            key_block[:, offset:],
-            clean[:, offset:],
-            key_block,
-            clean,
-            self.key_valid[:, :keys],
-            query_is_key_offset=offset,
+        """[b, 1, n, offset + n] (or the [b, 3, offset + n] columns): queries at columns offset..
+        see the committed prefix, their own block and earlier query blocks (block-causal on clean
+        tokens), never padding."""
+        columns = mask_functions.rollout_round_columns(
+            self.cache.offset, num_queries, self.prompt_length, self.block_size, self.key_valid
         )
+        return attention_input(columns, self.mask_format, num_queries=num_queries)
 
     def block_logits(self, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
         bs, device = self.block_size, x.device

@@ -67,13 +67,16 @@ class ExplicitMasks:
     """
 
     def __init__(self, model_chunks: list[torch.nn.Module]):
-        # megatron's local DotProductAttention always applies the mask it is given: leave those
-        # alone (the flag would also make every call re-probe the Transformer Engine version)
+        # megatron's local DotProductAttention and the flex core always apply the mask they are
+        # given: leave those alone (the flag would also make every call re-probe the Transformer
+        # Engine version)
         self.attentions = [
             m
             for chunk in model_chunks
             for m in chunk.modules()
-            if isinstance(m, Attention) and not isinstance(m.core_attention, DotProductAttention)
+            if isinstance(m, Attention)
+            and not isinstance(m.core_attention, DotProductAttention)
+            and not getattr(m.core_attention, "takes_mask_columns", False)
         ]
         self.modes: list[bool] = []
 

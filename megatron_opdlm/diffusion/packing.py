@@ -26,14 +26,15 @@ import torch
 
 from megatron_opdlm.config import DiffusionConfig, ModelConfig
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
-from megatron_opdlm.models.masks import causal_mask, packed_row_mask, xt_logit_columns
+from megatron_opdlm.models import mask_functions
+from megatron_opdlm.models.masks import attention_input, packed_row_mask, xt_logit_columns
 
 
 @dataclass
 class PackedBatch:
     tokens: torch.Tensor  # [b, S] long, S = P + 2R: [prompt | x0 | x_t]
     position_ids: torch.Tensor  # [b, S] long
-    attention_mask: torch.Tensor  # [b, 1, S, S] bool, True = masked out
+    attention_mask: torch.Tensor  # [b, 1, S, S] bool, True = masked out (or [b, 3, S] columns)
     valid: torch.Tensor  # [b, S] bool, False on padding
     prompt_length: int  # P
     response_length: int  # R
@@ -45,7 +46,7 @@ class PackedBatch:
     loss_mask: torch.Tensor  # [b, R] bool, positions that enter the loss
     teacher_tokens: torch.Tensor  # [b, P + R] long: [prompt | x0]
     teacher_position_ids: torch.Tensor  # [b, P + R] long
-    teacher_attention_mask: torch.Tensor  # [b, 1, P + R, P + R] bool, causal with padding
+    teacher_attention_mask: torch.Tensor  # [b, 1, P + R, P + R] bool causal+padding (or columns)
 
     @property
     def batch_size(self) -> int:
@@ -105,8 +106,12 @@ def pack_batch(
     model_cfg: ModelConfig,
     diffusion_cfg: DiffusionConfig,
     exclude_eos: bool,
+    mask_format: str = "dense",
 ) -> PackedBatch:
-    """Build the student and teacher rows of one rollout batch (see the module docstring)."""
+    """Build the student and teacher rows of one rollout batch (see the module docstring).
+
+    `mask_format`: "dense" masks, or "columns" descriptors for a FlexAttention core
+    (`models.masks.mask_format`)."""
     p, r = rollout.prompt_length, rollout.response_length
     block = diffusion_cfg.block_size
     x0 = rollout.response_tokens
@@ -128,7 +133,7 @@ def pack_batch(
 
     tokens = torch.cat([rollout.prompt_tokens, x0, x_t], dim=1)  # [b, S]
     valid = torch.cat([rollout.prompt_valid, rollout.response_valid, rollout.response_valid], dim=1)
-    attention_mask, position_ids = packed_row_mask(p, r, block, valid)  # [b,1,S,S], [b,S]
+    attention_mask, position_ids = packed_row_mask(p, r, block, valid, mask_format)  # [b, S]
     columns = xt_logit_columns(p, r, block, diffusion_cfg.token_shift).to(x0.device)  # [R]
 
     teacher_tokens = torch.cat([rollout.prompt_tokens, x0], dim=1)  # [b, P + R]
@@ -152,7 +157,9 @@ def pack_batch(
         loss_mask=loss_mask,
         teacher_tokens=teacher_tokens,
         teacher_position_ids=teacher_positions,
-        teacher_attention_mask=causal_mask(teacher_valid),
+        teacher_attention_mask=attention_input(
+            mask_functions.teacher_columns(teacher_valid), mask_format
+        ),
     )
 
 

@@ -27,7 +27,8 @@ from megatron_opdlm.distill import vocab_parallel
 from megatron_opdlm.distill.loss import distill_loss
 from megatron_opdlm.distill.targets import TeacherTargets
 from megatron_opdlm.evaluation.models import EvalModel
-from megatron_opdlm.models.masks import causal_mask
+from megatron_opdlm.models import mask_functions
+from megatron_opdlm.models.masks import attention_input, mask_format
 from megatron_opdlm.models.vocab import mask_invalid_logits
 
 _KL_CONFIG = DistillConfig(mode="opdlm", divergence="forward_kl", normalization="global_tokens")
@@ -44,7 +45,8 @@ def _teacher_logprobs(
     b, width = tokens.shape
     positions = torch.arange(width, device=tokens.device).expand(b, -1)
     rows = torch.arange(prompt_length - 1, width - 1, device=tokens.device)  # [R]
-    logits = runner.forward(tokens, positions, causal_mask(valid), rows)  # [b, R, V]
+    mask = attention_input(mask_functions.teacher_columns(valid), mask_format(runner.chunks))
+    logits = runner.forward(tokens, positions, mask, rows)  # [b, R, V]
     if logits is None:
         return None
     logits = mask_invalid_logits(logits, teacher.model_cfg)
@@ -86,7 +88,10 @@ def onpolicy_states(
     x_t = select_states(
         batch, "per_block", block, student.model_cfg.student_mask_token_id, block, generator
     )
-    return pack_batch(batch, x_t, student.model_cfg, student.diffusion_cfg, exclude_eos=False)
+    return pack_batch(
+        batch, x_t, student.model_cfg, student.diffusion_cfg, exclude_eos=False,
+        mask_format=mask_format(student.chunks),
+    )  # fmt: skip
 
 
 @torch.no_grad()

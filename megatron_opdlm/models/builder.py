@@ -22,6 +22,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_opdlm.config import JobConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_opdlm.models.flex_attention import resolve_attention_backend
 from megatron_opdlm.models.rope import install_positioned_rope
 from megatron_opdlm.models.specs import (
     block_spec,
@@ -82,6 +83,8 @@ def transformer_config(
         recompute = dict(
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
         )
+    elif precision.recompute == "selective":  # core attention only (megatron's "core_attn")
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -147,11 +150,14 @@ def _build_chunk(
     config: JobConfig, tconfig: TransformerConfig, role: str, vp_stage: int | None
 ) -> GPTModel:
     impl = resolve_transformer_impl(config.precision)
+    backend = resolve_attention_backend(config.precision.attention_backend, impl)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(config.model, impl, role, tconfig, vp_stage),
+        transformer_layer_spec=block_spec(
+            config.model, impl, role, tconfig, vp_stage, attention_backend=backend
+        ),
         vocab_size=config.model.padded_vocab_size,
         max_sequence_length=config.model.max_position_embeddings,
         pre_process=pre,

@@ -2,28 +2,57 @@
 
 Convention (Megatron's): a boolean mask [b, 1, s_q, s_k] where True means *masked out*.
 
-Every position carries a block id, a "noisy" flag and a "valid" flag:
-- Block ids are aligned to the response start P: position j has block floor((j - P) / B), so the
-  last prompt block ends exactly where the response starts (prompt blocks are negative ids) and a
-  left-padded batch shares one boundary column.
-- Clean positions (prompt, x0, committed blocks) attend block-causally: a clean query of block q
-  sees clean keys of blocks <= q.
-- Noisy positions (x_t, the block being denoised) of block q see clean keys of blocks < q and noisy
-  keys of the same block q; clean queries never see noisy keys.
-- Invalid keys (padding) are never seen; an invalid query sees only itself, so its softmax stays
-  finite (its output is never read).
+Every mask here is evaluated from the one predicate of `models.mask_functions` (block ids aligned
+to the response start P, noisy and valid flags per column; read the rule there). This module only
+lays out columns and chooses the form a model takes:
+- "dense": the [b, 1, s_q, s_k] bool mask (Megatron's local core, Transformer Engine, CPU training);
+- "columns": the [b, 3, s_k] int32 column descriptor, O(S), which the FlexAttention core turns
+  into a block mask without any [S, S] tensor (`models.flex_attention`).
+`mask_format(model_chunks)` says which form a built model takes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from megatron_opdlm.models import mask_functions as mf
+from megatron_opdlm.models.mask_functions import aligned_block_ids, packed_row_layout
 
-def aligned_block_ids(
-    positions: torch.Tensor, response_start: int, block_size: int
+__all__ = [
+    "aligned_block_ids",
+    "attention_input",
+    "block_causal_mask",
+    "block_diffusion_mask",
+    "causal_mask",
+    "mask_format",
+    "packed_row_layout",
+    "packed_row_mask",
+    "xt_logit_columns",
+]
+
+MASK_FORMATS = ("dense", "columns")
+
+
+def mask_format(model_chunks) -> str:
+    """'columns' when the model's core attention takes column descriptors (FlexAttention), else
+    'dense'. Read from the built modules, so producers never need the config."""
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if getattr(module, "takes_mask_columns", False):
+                return "columns"
+    return "dense"
+
+
+def attention_input(
+    columns: torch.Tensor, fmt: str, num_queries: int | None = None
 ) -> torch.Tensor:
-    """Block id of each absolute column, blocks aligned so that one starts at `response_start`."""
-    return torch.div(positions - response_start, block_size, rounding_mode="floor")
+    """What goes in the model's `attention_mask` argument: the descriptor itself ("columns"), or
+    its dense mask [b, 1, s_q, K] ("dense"); queries are the last `num_queries` columns."""
+    if fmt == "columns":
+        return columns
+    if fmt == "dense":
+        return mf.dense_mask(columns, num_queries)
+    raise ValueError(f"mask format {fmt!r} must be one of {MASK_FORMATS}")
 
 
 def block_diffusion_mask(
@@ -34,27 +63,30 @@ def block_diffusion_mask(
     key_valid: torch.Tensor | None = None,  # [b, s_k] bool
     query_is_key_offset: int | None = 0,
 ) -> torch.Tensor:
-    """The general rule above. Returns [b, 1, s_q, s_k], True = masked out.
+    """The predicate on explicit query/key columns. Returns [b, 1, s_q, s_k], True = masked out.
 
     `query_is_key_offset`: query i is key i + offset (for the "invalid query sees itself" rule);
     None when queries are not among the keys.
     """
-    qb, kb = query_block[:, :, None], key_block[:, None, :]  # [b, s_q, 1], [b, 1, s_k]
-    qn, kn = query_noisy[:, :, None], key_noisy[:, None, :]
-    clean_key = ~kn & ((~qn & (kb <= qb)) | (qn & (kb < qb)))
-    noisy_key = kn & qn & (kb == qb)
-    allowed = clean_key | noisy_key  # [b, s_q, s_k]
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, :]
-        if query_is_key_offset is not None:
-            s_q, s_k = query_block.shape[1], key_block.shape[1]
-            rows = torch.arange(s_q, device=allowed.device)
-            cols = rows + query_is_key_offset
-            inside = cols < s_k
-            rows, cols = rows[inside], cols[inside]
-            invalid_query = ~key_valid[:, cols]  # [b, n]
-            allowed[:, rows, cols] |= invalid_query
-    return ~allowed[:, None, :, :]
+    b, s_q = query_block.shape
+    s_k = key_block.shape[1]
+    device = key_block.device
+    if key_valid is None:
+        key_valid = torch.ones(b, s_k, dtype=torch.bool, device=device)
+    rows = torch.arange(s_q, device=device)
+    same_column = torch.zeros(s_q, s_k, dtype=torch.bool, device=device)  # [s_q, s_k]
+    query_valid = torch.ones(b, s_q, dtype=torch.bool, device=device)
+    if query_is_key_offset is not None:
+        cols = rows + query_is_key_offset
+        inside = cols < s_k
+        same_column[rows[inside], cols[inside]] = True
+        query_valid[:, rows[inside]] = key_valid[:, cols[inside]]
+    allowed = mf.allowed(
+        query_block[:, :, None], query_noisy[:, :, None], query_valid[:, :, None],
+        key_block[:, None, :], key_noisy[:, None, :], key_valid[:, None, :],
+        same_column[None],
+    )  # fmt: skip
+    return ~allowed[:, None]
 
 
 def block_causal_mask(
@@ -65,45 +97,13 @@ def block_causal_mask(
     batch: int = 1,
 ) -> torch.Tensor:
     """Block-causal mask over a clean sequence [prompt | committed blocks]: [b, 1, L, L]."""
-    device = valid.device if valid is not None else None
-    positions = torch.arange(length, device=device)
-    blocks = aligned_block_ids(positions, response_start, block_size)
-    b = valid.shape[0] if valid is not None else batch
-    blocks = blocks.expand(b, length)
-    clean = torch.zeros(b, length, dtype=torch.bool, device=device)
-    return block_diffusion_mask(blocks, clean, blocks, clean, valid)
+    columns = mf.student_columns(length, response_start, block_size, valid=valid, batch=batch)
+    return mf.dense_mask(columns)
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     """Plain causal mask with padding: [b, 1, L, L] (block size 1 is exactly causal)."""
-    b, length = valid.shape
-    return block_causal_mask(length, 0, 1, valid=valid, batch=b)
-
-
-def packed_row_layout(
-    prompt_length: int, response_length: int, block_size: int, device=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Columns of one training row [prompt (P) | x0 (R) | x_t (R)].
-
-    Returns (block_ids [S], noisy [S], position_ids [S]) with S = P + 2R. x_t block b has the
-    position ids of the x0 block it copies (P + r), so RoPE sees the same geometry as at rollout.
-    """
-    if response_length % block_size:
-        raise ValueError(
-            f"response length {response_length} is not a multiple of block size {block_size}"
-        )
-    p, r = prompt_length, response_length
-    clean_positions = torch.arange(p + r, device=device)  # prompt and x0
-    noisy_positions = torch.arange(p, p + r, device=device)  # x_t copies x0 positions
-    position_ids = torch.cat([clean_positions, noisy_positions])  # [P + 2R]
-    block_ids = aligned_block_ids(position_ids, p, block_size)
-    noisy = torch.cat(
-        [
-            torch.zeros(p + r, dtype=torch.bool, device=device),
-            torch.ones(r, dtype=torch.bool, device=device),
-        ]  # fmt: skip
-    )
-    return block_ids, noisy, position_ids
+    return mf.dense_mask(mf.teacher_columns(valid))
 
 
 def packed_row_mask(
@@ -111,15 +111,11 @@ def packed_row_mask(
     response_length: int,
     block_size: int,
     valid: torch.Tensor,  # [b, P + 2R] bool
+    fmt: str = "dense",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [b, 1, S, S] and position ids [b, S] for packed training rows."""
-    block_ids, noisy, position_ids = packed_row_layout(
-        prompt_length, response_length, block_size, device=valid.device
-    )
-    b = valid.shape[0]
-    block_ids, noisy = block_ids.expand(b, -1), noisy.expand(b, -1)
-    mask = block_diffusion_mask(block_ids, noisy, block_ids, noisy, valid)
-    return mask, position_ids.expand(b, -1).contiguous()
+    """Mask [b, 1, S, S] (or descriptor [b, 3, S]) and position ids [b, S] for packed rows."""
+    columns, position_ids = mf.packed_row_columns(prompt_length, response_length, block_size, valid)
+    return attention_input(columns, fmt), position_ids
 
 
 def xt_logit_columns(

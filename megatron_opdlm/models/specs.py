@@ -97,14 +97,28 @@ def layer_spec(model: ModelConfig, impl: str, role: str) -> ModuleSpec:
     return spec
 
 
-def block_spec(model: ModelConfig, impl: str, role: str, tconfig, vp_stage: int | None):
-    """Decoder block spec: this stage's layers, and the final norm matching the layer spec."""
+def block_spec(
+    model: ModelConfig,
+    impl: str,
+    role: str,
+    tconfig,
+    vp_stage: int | None,
+    attention_backend: str | None = None,
+):
+    """Decoder block spec: this stage's layers, and the final norm matching the layer spec.
+
+    `attention_backend` ('flex' | 'te' | 'local', resolved; None = the spec's own core)."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
     layer = layer_spec(model, impl, role)
+    # attention core substitution (models.flex_attention): the one place the backend enters
+    if attention_backend is not None:
+        from megatron_opdlm.models.flex_attention import use_attention_backend
+
+        layer = use_attention_backend(layer, attention_backend)
     if impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 

@@ -19,6 +19,7 @@ from megatron_opdlm.diffusion.packing import PackedBatch, pack_batch, split_micr
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
 from megatron_opdlm.diffusion.sampler import left_pad
 from megatron_opdlm.diffusion.states import select_states
+from megatron_opdlm.models.flex_attention import mask_format_for
 
 STREAMS = {"rollout": 1, "states": 2, "eval_rollout": 3, "eval_states": 4}
 
@@ -120,5 +121,8 @@ def pack_rows(
     rows_x_t = x_t[start:end]
     trimmed = trim_response(rows, job.diffusion.block_size)
     rows_x_t = rows_x_t[:, : trimmed.response_length]
-    packed = pack_batch(trimmed, rows_x_t, job.model, job.diffusion, job.distill.exclude_eos)
+    packed = pack_batch(
+        trimmed, rows_x_t, job.model, job.diffusion, job.distill.exclude_eos,
+        mask_format=mask_format_for(job.precision),
+    )  # fmt: skip
     return split_micro_batches(packed, job.train.micro_batch_size)
