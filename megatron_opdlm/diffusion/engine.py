@@ -85,8 +85,12 @@ def generate_rollout(
     round_callback: RowRoundCallback | None = None,
     should_abort: Callable[[int], bool] | None = None,
     stop_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    stats: dict | None = None,
 ) -> RolloutBatch:
-    """Decode `prompts` (this data-parallel rank's) on `slots` slots (0: one per prompt)."""
+    """Decode `prompts` (this data-parallel rank's) on `slots` slots (0: one per prompt).
+
+    `stats`, when given, receives this rank's counts: slots, forwards (rounds + prefill
+    forwards), prefills, rounds, kv_cache_bytes (peak K/V bytes of this rank's layers)."""
     strategy = sampler.validate_request(
         prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens
     )
@@ -116,7 +120,13 @@ def generate_rollout(
         cpu_compat.small_row_linears(model_chunks),
         slot_attention(model_chunks),
     ):
-        return engine.run(return_confidences)
+        batch = engine.run(return_confidences)
+    if stats is not None:
+        stats.update(
+            slots=engine.num_slots, forwards=engine.forwards, prefills=engine.prefills,
+            rounds=engine.rounds, kv_cache_bytes=engine.cache_bytes,
+        )  # fmt: skip
+    return batch
 
 
 class _Engine:
@@ -155,7 +165,7 @@ class _Engine:
         self.queue = deque(range(n))
         self.furthest = -1  # furthest block any sequence has started
         self.callback = self.should_abort = self.stop_rows = None
-        self.forwards = 0  # model forwards (rounds and prefills), for the benchmark
+        self.forwards = self.prefills = self.rounds = 0  # model forwards, for the benchmark
         self.cache_bytes = 0  # peak K/V bytes of this rank
 
     # -- scheduling -------------------------------------------------------------------------
@@ -185,6 +195,7 @@ class _Engine:
         if not admitted:
             return
         self._starting_block(0)
+        self.prefills += 1
         mask_id = self.model_cfg.student_mask_token_id
         for slot in admitted:
             self.sequence[slot] = self.queue.popleft()
@@ -229,6 +240,7 @@ class _Engine:
     def _round(self, live: torch.Tensor) -> None:
         """One forward for every live slot (commits included), then its decisions."""
         bs, dev = self.block_size, self.device
+        self.rounds += 1
         masked = self.masked[live.to(dev)]  # [a, B]
         if self.token_shift:  # position 0 reads the carry: only positions 1.. need the block
             need_block = masked[:, 1:].any(dim=1).cpu()

@@ -70,8 +70,9 @@ def sequence_uniform(
 ) -> torch.Tensor:
     """[a, width] float32 in [0, 1): a counter-based stream per (seed, sequence, block, round,
     position), computed on the CPU (the same numbers on every device and rank)."""
-    state = _mix(torch.full_like(keys, _signed(seed)) ^ keys.cpu())  # [a]
-    counter = blocks.cpu() * 65_536 + rounds.cpu()  # rounds < 65,536 (<= block size)
+    keys = keys.cpu().long()
+    state = _mix(torch.full_like(keys, _signed(seed)) ^ keys)  # [a]
+    counter = blocks.cpu().long() * 65_536 + rounds.cpu().long()  # rounds <= block size
     state = _mix(state ^ _mix(counter))[:, None] + torch.arange(width)[None, :]  # [a, width]
     bits = _shift_right(_mix(state), 40)  # the top 24 bits: exact in float32
     return bits.float() / float(1 << 24)
