@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron_opdlm import config_base
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.data.prompts import PromptOrder
-from megatron_opdlm.diffusion.sampler import generate
+from megatron_opdlm.diffusion.engine import generate_rollout
 from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.distributed import device, is_rank0
 from megatron_opdlm.runtime.logging import get_logger
@@ -153,8 +153,9 @@ class Trainer:
         if job.distill.mode in setup.ROLLOUT_MODES:
             generator = batches.step_generator(job.train.seed, "rollout", step, self.dp_rank)
             prompts = [r.prompt_ids for r in records]
-            return generate(self.models.student, prompts, job.model, job.diffusion, job.rollout,
-                            max_new_tokens=cap, generator=generator)  # fmt: skip
+            return generate_rollout(self.models.student, prompts, job.model, job.diffusion,
+                                    job.rollout, max_new_tokens=cap, slots=job.rollout.slots,
+                                    generator=generator)  # fmt: skip
         return batches.given_responses(records, job, cap, device())
 
     def _rollout_step(self) -> list[dict[str, float]]:
