@@ -22,7 +22,10 @@ permutation of the prompts gives each sequence its own tokens back.
 
 Parallelism as in the sampler: every rank of a model-parallel group (TP x PP) passes the same
 prompts and runs the same schedule (it depends only on decisions, which the last pipeline stage
-broadcasts); data-parallel ranks pass their own.
+broadcasts); data-parallel ranks pass their own. With PP every round is one whole-batch pass
+through the stages (ModelRunner's P2P), as in the sampler: micro-batched, pipelined rounds are not
+implemented (on a CPU a round on half the rows costs 0.55-0.85 of the whole, measured, which caps
+what they could gain here; measure t(b/M) on the GPU first).
 
 Hooks (the sampler's meaning): `should_abort(block_index) -> bool` is asked each time the
 rollout's furthest block advances (before any sequence starts block k); True raises
