@@ -196,3 +196,5 @@ def test_bad_slot_count_is_refused(tiny):
     chunks, model, diffusion_cfg, rollout_cfg = _configs(tiny)
     with pytest.raises(ValueError, match="slots=-1"):
         generate_rollout(chunks, PROMPTS, model, diffusion_cfg, rollout_cfg, 8, slots=-1)
+    with pytest.raises(ValueError, match="rollout.slots=-1"):
+        dataclasses.replace(rollout_cfg, slots=-1).validate()
