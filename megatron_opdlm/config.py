@@ -216,6 +216,12 @@ class RolloutConfig:
     top_p: float = doc(1.0, "nucleus sampling mass; 1 = off")
     max_new_tokens: int = doc(64, "response length cap when no curriculum is active")
     use_kv_cache: bool = doc(True, "encode committed blocks once (exact; much faster)")
+    slots: int = doc(
+        0,
+        "rollout engine slots per DP rank: sequences decoded at once (continuous batching: a "
+        "finished one frees its slot for the next prompt; KV memory grows with slots); 0 = one "
+        "per prompt",
+    )
 
     def validate(self) -> None:
         if self.steps_per_block < 1:
@@ -228,6 +234,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"rollout.top_k={self.top_k} must be >= 0")
+        if self.slots < 0:
+            raise ValueError(f"rollout.slots={self.slots} must be >= 0 (0 = one per prompt)")
 
 
 @dataclass

@@ -50,8 +50,11 @@ class ModelRunner:
         attention_mask: torch.Tensor,  # [b, 1, s, k] bool, True = masked out
         logit_rows: torch.Tensor,  # [n] long, query rows (0..s-1) to project
         inference_context=None,
+        output_processor=project_rows_gathered,
     ) -> torch.Tensor | None:
-        """Full-vocabulary logits [b, n, V] float32 on the last stage, None elsewhere."""
+        """Full-vocabulary logits [b, n, V] float32 on the last stage, None elsewhere.
+
+        `output_processor` reads `logit_rows` as its context (the engine passes a per-row one)."""
         b, s = tokens.shape
         output = None
         for chunk, first, last in zip(self.chunks, self.pre_process, self.post_process):
@@ -66,7 +69,7 @@ class ModelRunner:
                 attention_mask,
                 inference_context=inference_context,
                 runtime_gather_output=True,
-                output_processor=project_rows_gathered,
+                output_processor=output_processor,
                 output_processor_context=logit_rows,
             )
             if not last:

@@ -9,6 +9,12 @@ shift).
 Teacher row: [prompt | x0] under a causal mask with padding; its logits at column P + r - 1
 predict response token r (`distill.targets`).
 
+The EOS block (one convention with the sampler, `RolloutBatch.decoded`): every column of a
+decoded block is a valid key of the student row, the tokens after EOS included, because the
+sampler attended to all B columns of that block in each of its rounds; x_t there holds what the
+drawn state held (mask or token). Only blocks never decoded are padding. The teacher row keeps
+`response_valid` (causal: the tail after EOS is never read by a loss position).
+
 Loss mask [b, R]: positions masked in x_t, within response_valid, up to and including the first
 end-of-sequence token of x0 (the EOS itself dropped when `exclude_eos`). Later positions are
 never trained on even if the rollout marked them valid.
@@ -35,7 +41,7 @@ class PackedBatch:
     tokens: torch.Tensor  # [b, S] long, S = P + 2R: [prompt | x0 | x_t]
     position_ids: torch.Tensor  # [b, S] long
     attention_mask: torch.Tensor  # [b, 1, S, S] bool, True = masked out (or [b, 3, S] columns)
-    valid: torch.Tensor  # [b, S] bool, False on padding
+    valid: torch.Tensor  # [b, S] bool, student-row keys: False on padding and undecoded blocks
     prompt_length: int  # P
     response_length: int  # R
     block_size: int  # B
@@ -127,17 +133,21 @@ def pack_batch(
             "starts at one shared column P"
         )
     mask_id = model_cfg.student_mask_token_id
-    masked = rollout.response_valid & (x_t == mask_id)  # [b, R]
+    decoded = rollout.decoded()  # [b, R]: response_valid plus the EOS block's tail
+    masked = decoded & (x_t == mask_id)  # [b, R]
     if bool((x_t != x0)[~masked].any()):
-        raise ValueError("x_t differs from x0 at a position that is not a valid masked position")
+        raise ValueError(
+            "x_t differs from x0 at a position that is not a valid masked position (a decoded "
+            "position holding the mask id)"
+        )
 
     tokens = torch.cat([rollout.prompt_tokens, x0, x_t], dim=1)  # [b, S]
-    valid = torch.cat([rollout.prompt_valid, rollout.response_valid, rollout.response_valid], dim=1)
+    valid = torch.cat([rollout.prompt_valid, decoded, decoded], dim=1)
     attention_mask, position_ids = packed_row_mask(p, r, block, valid, mask_format)  # [b, S]
     columns = xt_logit_columns(p, r, block, diffusion_cfg.token_shift).to(x0.device)  # [R]
 
     teacher_tokens = torch.cat([rollout.prompt_tokens, x0], dim=1)  # [b, P + R]
-    teacher_valid = valid[:, : p + r]
+    teacher_valid = torch.cat([rollout.prompt_valid, rollout.response_valid], dim=1)
     teacher_positions = torch.arange(p + r, device=x0.device).expand(x0.shape[0], -1).contiguous()
 
     eos_ids = model_cfg.eos_token_ids

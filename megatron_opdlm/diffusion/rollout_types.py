@@ -36,6 +36,21 @@ class RolloutBatch:
     def response_lengths(self) -> torch.Tensor:  # [b]
         return self.response_valid.sum(dim=1)
 
+    def decoded(self) -> torch.Tensor:  # [b, R] bool
+        """Positions the sampler decoded and attended to: whole blocks, the EOS block included
+        after its EOS (THE convention for the EOS block, shared by rollout and training rows:
+        every column of a decoded block is a valid key). Without a decoded step map (responses
+        taken from a dataset) these are the valid positions."""
+        if self.decoded_step_map is None:
+            return self.response_valid
+        return (self.decoded_step_map >= 0) | self.response_valid
+
+    def decoded_steps(self) -> torch.Tensor:  # [b, R] long
+        """The round that unmasked each decoded position (-1 elsewhere)."""
+        if self.decoded_step_map is None:
+            return self.step_map.masked_fill(~self.response_valid, -1)
+        return self.decoded_step_map.masked_fill(~self.decoded(), -1)
+
     def to(self, device) -> RolloutBatch:
         moved = {
             name: (value.to(device) if isinstance(value, torch.Tensor) else value)

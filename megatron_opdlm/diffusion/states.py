@@ -17,8 +17,12 @@ Modes:
   position independently with probability t (Bernoulli, not an exact count); a block that ends
   up with no masked position gets one, chosen uniformly among its valid positions.
 
-Positions outside `response_valid` (right padding, tokens after the end of a response) are never
-masked. All randomness comes from the caller's generator, so a run resumes identically.
+Positions the sampler never decoded (right padding, blocks after a sequence's last block) are
+never masked. The tokens after EOS in a sequence's last block were decoded (the sampler attended
+to them in every round of that block), so they are masked exactly as they were in the drawn
+state (`RolloutBatch.decoded_steps`): x_t is the state the sampler saw, EOS block included. They
+never enter the loss (`packing.loss_positions`). All randomness comes from the caller's generator,
+so a run resumes identically.
 """
 
 from __future__ import annotations
@@ -93,14 +97,15 @@ def select_states(
 def selection_mask(
     rollout: RolloutBatch, mode: SelectionMode, block_size: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """[b, R] bool, True where x_t holds the mask token (never outside response_valid)."""
+    """[b, R] bool, True where x_t holds the mask token (never outside the decoded blocks)."""
     valid = rollout.response_valid
     b, r = valid.shape
     n_blocks = r // block_size
     device = valid.device
     if mode == "random":
         return _random_mask(valid, block_size, generator)
-    step = rollout.step_map.masked_fill(~valid, -1)  # [b, R]
+    decoded = rollout.decoded()  # [b, R]; valid plus the EOS block's tail
+    step = rollout.decoded_steps()  # [b, R], -1 outside the decoded blocks
     if mode == "per_block":
         rounds_run = step.view(b, n_blocks, block_size).amax(dim=2) + 1  # [b, nb]; 0 = empty block
         drawn = (_uniform((b, n_blocks), generator, device) * rounds_run).long()  # [b, nb]
@@ -109,7 +114,7 @@ def selection_mask(
         rounds_run = step.amax(dim=1) + 1  # [b]
         drawn = (_uniform((b,), generator, device) * rounds_run).long()  # [b]
         threshold = drawn[:, None].expand(b, r)
-    return valid & (step >= threshold)
+    return decoded & (step >= threshold)
 
 
 def _random_mask(valid: torch.Tensor, block_size: int, generator: torch.Generator) -> torch.Tensor:

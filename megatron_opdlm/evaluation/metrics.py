@@ -106,7 +106,7 @@ def onpolicy_kl(
         return 0.0, 0
     teacher_runner, student_runner = ModelRunner(teacher.chunks), ModelRunner(student.chunks)
     p = packed.prompt_length
-    teacher_valid = packed.valid[:, : packed.teacher_tokens.shape[1]]
+    teacher_valid = torch.cat([packed.valid[:, :p], packed.response_valid], dim=1)  # [b, P + R]
     teacher_logp = _teacher_logprobs(
         teacher_runner, teacher, packed.teacher_tokens, teacher_valid, p
     )

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron_opdlm import config_base
 from megatron_opdlm.config import JobConfig
 from megatron_opdlm.data.prompts import PromptOrder
-from megatron_opdlm.diffusion.sampler import RolloutAborted, generate
+from megatron_opdlm.diffusion.engine import RolloutAborted, generate_rollout
 from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.distributed import device, is_rank0
 from megatron_opdlm.runtime.logging import get_logger
@@ -179,9 +179,9 @@ class Trainer:
                 self.last_save_seconds, parallel_state.get_model_parallel_group()
             )
             try:
-                return generate(self.models.student, prompts, job.model, job.diffusion,
-                                job.rollout, max_new_tokens=cap, generator=generator,
-                                should_abort=should_abort)  # fmt: skip
+                return generate_rollout(self.models.student, prompts, job.model, job.diffusion,
+                                        job.rollout, max_new_tokens=cap, slots=job.rollout.slots,
+                                        generator=generator, should_abort=should_abort)  # fmt: skip
             except RolloutAborted:
                 return None
         return batches.given_responses(records, job, cap, device())

@@ -1,0 +1,128 @@
+"""A KV cache with one committed length per slot, on megatron's static cache layout.
+
+The rollout engine (`diffusion.engine`) decodes rows that are at different blocks in one forward,
+so each row writes its K/V at its own columns and reads its own prefix; megatron's
+StaticInferenceContext has one offset for the whole batch (measured in
+shared/notes/rollout-engine-probe.md: a shared offset with the short row's gap masked is wrong
+by 0.1 because RoPE then places the block too far away). Two small pieces, no fork of GPTModel:
+
+- `SlotCache` (a StaticInferenceContext): K/V per layer [max_len, slots, kv_groups/tp, head_dim]
+  as megatron allocates them, but zero-initialised (a short row reads columns nobody wrote, up to
+  the longest row's end: masked, but 0 x NaN left in `torch.empty` memory would be NaN), and a
+  per-forward plan: batch row i writes its n new K/V at columns [start_i, start_i + n) of slot
+  `slots[i]` (a slot may appear twice: a finished block and the next block of one sequence).
+  Column = position: every slot is left-aligned (prompt at column 0).
+- `slot_attention(chunks)`: a context manager that gives each SelfAttention an
+  `_adjust_key_value_for_inference` honouring the plan while a SlotCache is passed (megatron's
+  own behaviour for any other context): per-row query RoPE from the same frequency table, keys
+  rotated before caching (so a read never re-rotates the prefix; measured 0.9x of a round), and
+  the layer's own attention mask type kept, so the explicit mask is applied on every path
+  (megatron forces no_mask once its offset is > 0).
+
+The caller's mask must hide every key column at or past a row's own end. TP: each rank writes its
+own kv groups (nothing TP-specific). Transformer Engine's fused RoPE is not used here (it takes
+one [s, 1, 1, d] table for the batch); the rotation is megatron's unfused one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.transformer.attention import SelfAttention
+
+
+class SlotCache(StaticInferenceContext):
+    """K/V of `slots` sequences, each left-aligned; the plan of the next forward (`plan`)."""
+
+    def __init__(self, slots: int, max_length: int, device):
+        super().__init__(max_batch_size=slots, max_sequence_length=max_length)
+        # only honoured in megatron's InferenceMode (never entered): keep every query row
+        self.config.materialize_only_last_token_logits = False
+        self.device = torch.device(device)
+        self.slots = self.starts = None
+        self._index = None  # per-forward write indices, computed once for all layers
+
+    def plan(self, slots: torch.Tensor, starts: torch.Tensor) -> None:
+        """Batch row i of the next forward: cache slot slots[i], first query column starts[i]."""
+        self.slots = slots.to(self.device, torch.long)  # [b]
+        self.starts = starts.to(self.device, torch.long)  # [b]
+        self._index = None
+
+    def index(self, n: int, table: torch.Tensor | None):
+        """(write index (columns [n, b], slots [n, b]), slot range or None, end, query freqs)."""
+        if self._index is None or self._index[0] != n:
+            b = self.slots.numel()
+            columns = self.starts[None, :] + torch.arange(n, device=self.device)[:, None]  # [n, b]
+            end = int((self.starts + n).max())
+            if end > self.max_sequence_length:
+                raise RuntimeError(
+                    f"a row reaches column {end} past the cache's {self.max_sequence_length}"
+                )
+            first = int(self.slots[0])
+            span = torch.arange(first, first + b, device=self.device)
+            contiguous = (first, first + b) if torch.equal(self.slots, span) else None
+            freqs = None if table is None else table[:, 0][columns]  # [n, b, 1, d] per row
+            write = (columns, self.slots[None, :].expand(n, b))
+            self._index = (n, write, contiguous, end, freqs)
+        return self._index[1:]
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the K/V tensors of this rank's layers."""
+        return sum(t.numel() * t.element_size() for kv in self.key_value_memory_dict.values()
+                   for t in kv)  # fmt: skip
+
+    def free(self) -> None:
+        self.key_value_memory_dict.clear()
+        self.reset()
+
+
+def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+    """SelfAttention._adjust_key_value_for_inference for a SlotCache (see the module docstring);
+    query/key/value [n, b, heads, head_dim]."""
+    cache = inference_context
+    if not isinstance(cache, SlotCache):
+        return type(self)._adjust_key_value_for_inference(
+            self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+        )
+    n = key.shape[0]
+    if self.layer_number not in cache.key_value_memory_dict:
+        memory = tuple(
+            self._allocate_memory(cache.max_sequence_length, cache.max_batch_size, dim, t.dtype)
+            .to(cache.device)
+            .zero_()
+            for dim, t in ((self.key_hidden_size, key), (self.val_hidden_size, value))
+        )
+        cache.key_value_memory_dict[self.layer_number] = memory
+    key_memory, value_memory = cache.key_value_memory_dict[self.layer_number]
+    table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+    write, contiguous, end, freqs = cache.index(n, table)
+    if table is not None:  # rows at their own positions: rotate here, keys before caching
+        interleaved = self.config.rotary_interleaved
+        query = _apply_rotary_pos_emb_bshd(query, freqs, interleaved)
+        key = _apply_rotary_pos_emb_bshd(key, freqs, interleaved)
+    key_memory.index_put_(write, key)
+    value_memory.index_put_(write, value)
+    if contiguous is not None:  # a view, as megatron's own read
+        lo, hi = contiguous
+        keys, values = key_memory[:end, lo:hi], value_memory[:end, lo:hi]
+    else:  # [end, b, groups, d] gathered (a slot twice, or slots out of order)
+        keys, values = key_memory[:end, cache.slots], value_memory[:end, cache.slots]
+    # rotary None: nothing left to rotate; the layer's own mask type: the explicit mask is used
+    return query, keys, values, None, self.attn_mask_type, None
+
+
+@contextlib.contextmanager
+def slot_attention(model_chunks: list[torch.nn.Module]):
+    """Let every SelfAttention of the chunks serve a SlotCache for the duration (restored after)."""
+    modules = [m for c in model_chunks for m in c.modules() if isinstance(m, SelfAttention)]
+    for module in modules:
+        module._adjust_key_value_for_inference = types.MethodType(_adjust_for_slots, module)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module._adjust_key_value_for_inference
