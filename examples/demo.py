@@ -12,7 +12,7 @@ renamed, so an interrupted step is redone, a finished one reused):
   4. train/           OPDLM on the bundled prompts for --rollout-steps steps (resumable); the
                       wall clock is only a cap (--max-minutes), reported in the table when hit
   5. eval_after.json  the trained student
-  6. student_hf/      the trained student exported to HF format (block size, mask id recorded)
+  6. student_hf/      the trained student exported as an HF DLM (remote code: block-wise generate)
   7. results.json / results.md / results.png: the table printed at the end
 
 The console shows our progress lines; third-party warnings (megatron-core deprecations,
@@ -288,6 +288,13 @@ def main(argv=None) -> int:
     )
     print("[demo] 7/7 results", flush=True)
     print(summarize(before, after, run, training_budget(train_dir)))
+    hf_dir = run / "student_hf"
+    print(
+        f"[demo] the DLM in HF format: AutoModelForCausalLM.from_pretrained('{hf_dir}', "
+        "trust_remote_code=True).generate(...) decodes block-wise; usage in "
+        f"{hf_dir / 'README.md'}",
+        flush=True,
+    )
     return 0
 
 
