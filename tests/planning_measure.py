@@ -87,7 +87,7 @@ def measure_activations(job) -> int:
         if not first:  # what the previous stage would send: [s, b, h]
             hidden = torch.randn(tokens.shape[1], BATCH, job.model.hidden_size, dtype=dtype)
             gpt.set_input_tensor(hidden.requires_grad_())
-        kwargs = _projection(job, columns) if last else {}
+        kwargs = _projection(columns) if last else {}
         with saved:
             outputs.append(chunk(tokens if first else None, positions, mask, **kwargs))
     return saved.bytes
