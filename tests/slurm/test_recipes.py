@@ -12,7 +12,8 @@ test then follows its own jobs. 2-task CPU training (gloo) of a tiny converted m
   finishes the run.
 - mid-rollout stop: TERM during a long rollout; time from signal to the ranks' exit is below
   one rollout's length (both printed); a STOP file then ends the requeued chain with exit 0.
-- SIGKILL during a save (scancel --signal=KILL): `latest` still names a complete checkpoint.
+- SIGKILL during a save (sent to the ranks: `scancel --signal=KILL` sends TERM first): `latest`
+  still names a complete checkpoint.
 - convert -> train -> export chained with --dependency=afterok.
 - bad input: a missing checkpoint, an unreadable config, a layout that does not divide the task
   count: exit 2 with one clear line, before any rank starts.
@@ -21,7 +22,9 @@ test then follows its own jobs. 2-task CPU training (gloo) of a tiny converted m
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -189,8 +192,16 @@ def _kill_during_save(jobs: Jobs, name: str) -> dict:
     wait_for(lambda: (save_dir / "latest").is_file(), 900, "the first checkpoint")
     in_flight = wait_for(lambda: list(save_dir.glob(".iter_*.tmp")), 300, "a save in flight",
                          interval=0.005)  # fmt: skip
-    subprocess.run(["scancel", "--signal=KILL", jobs.ids[name]], check=True)
-    return {"in_flight": in_flight[0].name}
+    # `scancel --signal=KILL` is a cancel: SLURM sends TERM first (the ranks then save and exit
+    # cleanly, measured), SIGKILL only after KillWait. A SIGKILL that lands inside a save (OOM
+    # killer, node failure) is sent to the ranks themselves (`scontrol listpids`, step 0).
+    listed = subprocess.run(["scontrol", "listpids", jobs.ids[name]], capture_output=True,
+                            text=True, check=True).stdout.split("\n")[1:]  # fmt: skip
+    ranks = [int(row.split()[0]) for row in listed if row.split()[2:3] == ["0"]]
+    assert ranks, listed
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    return {"in_flight": in_flight[0].name, "killed": ranks}
 
 
 @pytest.fixture(scope="module")
