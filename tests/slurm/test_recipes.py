@@ -177,7 +177,12 @@ def _signal_mid_rollout(jobs: Jobs, name: str) -> dict:
     log, run = jobs.logs[name], jobs.run(name)
     wait_for(lambda: len(_steps_logged(log)) >= 4, 900, "two rollout steps of the mid-rollout job")
     rollout_seconds = min(seconds for _, seconds in _steps_logged(log) if seconds > 0)
-    time.sleep(rollout_seconds / 3)  # into a rollout (optimizer steps take a fraction of it)
+    # Each rollout step ends with a save (save_interval=1) and the next rollout starts right
+    # after it: signal 0.2 s after a save line, inside the rollout (>= 1.7 s on a quiet machine).
+    saves = log_text(log).count("saved checkpoint")
+    wait_for(lambda: log_text(log).count("saved checkpoint") > saves, 300, "the next save",
+             interval=0.02)  # fmt: skip
+    time.sleep(0.2)
     start = time.monotonic()
     subprocess.run(["scancel", "--signal=TERM", jobs.ids[name]], check=True)
     wait_for(lambda: "ranks exited with" in log_text(log), 300, "the ranks to exit")
