@@ -59,6 +59,9 @@ def job_for(
     job.diffusion = copy.deepcopy(diffusion_cfg)
     job.parallel = copy.deepcopy(parallel) if parallel is not None else ParallelConfig()
     job.precision = copy.deepcopy(precision) if precision is not None else PrecisionConfig()
+    # FP8 belongs to the student's training GEMMs only: evaluation GEMMs have few, unaligned rows
+    # and DP ranks score different numbers of batches (an amax reduction over them would hang).
+    job.precision.fp8, job.precision.fp8_teacher = "none", False
     job.rollout.steps_per_block = job.diffusion.block_size  # evaluation decodes 1 token/round
     return job
 

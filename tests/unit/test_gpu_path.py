@@ -364,3 +364,16 @@ def test_the_process_group_timeout_comes_from_the_config(monkeypatch):
     with pytest.raises(Started):
         distributed.initialize(ParallelConfig(timeout_minutes=90))
     assert seen["timeout"] == datetime.timedelta(minutes=90)
+
+
+def test_evaluated_models_are_built_without_fp8():
+    """A job trained with FP8 evaluates in its parameter dtype (evaluation/models.job_for)."""
+    from megatron_opdlm.evaluation.models import job_for
+
+    job = tiny_config()
+    precision = PrecisionConfig(dtype="bf16", fp8="hybrid", fp8_teacher=True,
+                                transformer_impl="transformer_engine")  # fmt: skip
+    eval_job = job_for(job.model, job.diffusion, precision=precision)
+    assert (eval_job.precision.fp8, eval_job.precision.fp8_teacher) == ("none", False)
+    assert precision.fp8 == "hybrid"  # the caller's config is left as it was
+    assert eval_job.precision.dtype == "bf16"
