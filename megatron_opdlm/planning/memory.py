@@ -57,7 +57,11 @@ class PlanRequest:
 
     @property
     def rollout_rows(self) -> int:
-        return self.job.train.prompts_per_rollout // self.dp
+        """Rows the rollout engine decodes at once on one DP rank: its prompts, or fewer when
+        `rollout.slots` bounds them (continuous batching; the KV cache holds the slots)."""
+        prompts = self.job.train.prompts_per_rollout // self.dp
+        slots = getattr(self.job.rollout, "slots", 0)
+        return min(prompts, slots) if slots > 0 else prompts
 
     @property
     def step_rows(self) -> int:

@@ -131,3 +131,18 @@ def test_search_keeps_valid_layouts_fitting_first_fastest_first():
     assert any(fits) and not all(fits) and fits == sorted(fits, reverse=True)
     times = [c.time.total for c in cands if c.fits]
     assert times == sorted(times)
+
+
+def test_rollout_slots_bound_the_kv_cache_rows():
+    """Continuous batching (rollout.slots) caches the slots, not every prompt of the DP rank."""
+    from megatron_opdlm.planning import memory
+
+    job = tiny_config("train.prompts_per_rollout=8", "train.global_batch_size=8")
+    all_rows = pm.request(job, dp=2)
+    assert all_rows.rollout_rows == 4  # 8 prompts over 2 DP ranks
+    job.rollout.slots = 3
+    slotted = pm.request(job, dp=2)
+    assert slotted.rollout_rows == 3
+    assert memory.kv_cache_bytes(slotted, 2) * 4 == memory.kv_cache_bytes(all_rows, 2) * 3
+    job.rollout.slots = 16  # more slots than prompts: the prompts bound it
+    assert pm.request(job, dp=2).rollout_rows == 4
