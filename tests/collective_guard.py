@@ -30,10 +30,6 @@ COLLECTIVES = frozenset({
 ALLOWED = {
     "distill/vocab_parallel.py": "vocab-parallel softmax/KL/top-K of logits, on the logits' device",
     "models/vocab.py": "TP sum of an embedding row for the mask-token init, on the weight's device",
-    "conversion/checkpoint_io.py": (
-        "object collectives only (barrier, broadcast_object_list, all_gather_object): torch "
-        "pickles them through the current CUDA device under NCCL"
-    ),
 }
 
 
