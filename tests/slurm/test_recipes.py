@@ -289,7 +289,8 @@ def test_bad_input_exits_before_any_work(jobs):
     expected = {
         "bad_ckpt": r"/nonexistent/ckpt is not a megatron-opdlm checkpoint",
         "bad_config": r"error: CONFIG='.*missing.yaml' .* is not a readable file",
-        "bad_layout": r"world size 3 is not divisible by parallel.tp=2",
+        "bad_layout": r"error: parallel.tp=2 x parallel.pp=1: needs a multiple of 2 processes, "
+        r"this launch has 3",
     }
     for name, message in expected.items():
         info = jobs.final(name)
