@@ -53,8 +53,7 @@ def test_train_cli_exits_2_before_building_models(monkeypatch, caplog, tmp_path)
 
 def test_plans_the_teacher_checkpoints_architecture(single_process, tmp_path, caplog):
     """The trainer takes the model section from checkpoint.teacher; the preflight must too."""
-    from megatron_opdlm.conversion.checkpoint_io import write_model_meta
-
+    from megatron_opdlm.checkpoint_layout import write_model_meta
     from megatron_opdlm.config import ModelConfig
 
     write_model_meta(tmp_path, tiny_config(*BIG).model, None)
