@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.functional.test_cli_errors import ENV, ROOT, _assert_one_line_error
 
 TOOL = str(ROOT / "tools" / "reshard_checkpoint.py")
@@ -51,3 +53,21 @@ def test_reshard_tool_bad_input(tmp_path):
 
     help_text = _run(["--help"])
     assert help_text.returncode == 0 and "fully_reshardable" in help_text.stdout
+
+
+def test_trainer_refuses_what_it_cannot_convert(tmp_path):
+    """One process cannot take the saved tp=2: the trainer's conversion and the load's layout
+    check both refuse before any model is built, naming the tool command (2 processes)."""
+    from megatron_opdlm.training import checkpointing, reshard
+    from tests.unit.test_training_support import tiny_job
+
+    ckpt = _fake_dp_checkpoint(tmp_path / "save" / "iter_0000002")
+    job = tiny_job(tmp_path, "parallel.use_distributed_optimizer=true")
+    command = f"torchrun --nproc-per-node 2 tools/reshard_checkpoint.py {ckpt}"
+    with pytest.raises(ValueError, match="needs a multiple of 2 processes") as raised:
+        reshard.convert_if_needed(ckpt, job)
+    assert command in str(raised.value)
+    with pytest.raises(ValueError, match="dp_reshardable format") as raised:
+        checkpointing.check_resume_layout(ckpt, job)
+    assert command in str(raised.value)
+    assert not reshard.converted_path(ckpt).exists()
