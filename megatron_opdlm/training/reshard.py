@@ -21,6 +21,9 @@ world size is a multiple of the saved tp x pp; otherwise `tools/reshard_checkpoi
 `opdlm-reshard-checkpoint`) does it, launched with the saved process count. A copy that exists
 already is reused. The original is left untouched. Cost: one model + optimizer build at the old
 layout, a read of the optimizer state and a DP-gathered write of it (once per checkpoint).
+Memory: the student and its optimizer at the saved tp/pp with DP = world / (tp x pp), and no
+teacher; on fewer processes than were saved each rank holds a larger optimizer shard; if that
+does not fit, run the tool with the saved process count.
 """
 
 from __future__ import annotations
