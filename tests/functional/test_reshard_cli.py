@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.functional.test_cli_errors import ENV, ROOT, _assert_one_line_error
+from tests.functional.test_cli_errors import ENV, ROOT, RUNNER, _assert_one_line_error
 
 TOOL = str(ROOT / "tools" / "reshard_checkpoint.py")
 
@@ -33,25 +33,27 @@ def _fake_dp_checkpoint(directory):
     return directory
 
 
-def _run(argv, **env):
-    return subprocess.run([sys.executable, TOOL, *argv], cwd=ROOT, env={**ENV, **env},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
 def test_reshard_tool_bad_input(tmp_path):
     (tmp_path / "not_ckpt").mkdir()
-    done = _run([str(tmp_path / "not_ckpt")])
-    _assert_one_line_error(done.returncode, done.stderr, "is not a training checkpoint", "dir")
-
     ckpt = _fake_dp_checkpoint(tmp_path / "save" / "iter_0000002")
-    # 3 processes cannot take tp=2: refused before any process group or model
-    done = _run([str(ckpt)], RANK="0", WORLD_SIZE="3")
-    _assert_one_line_error(done.returncode, done.stderr, "needs a multiple of 2 processes", "n")
-    assert "torchrun --nproc-per-node 2" in done.stderr
+    # Both cases in one process (RUNNER; torch's import is most of a run). Launched as 3
+    # processes, which cannot take the saved tp=2: refused before any process group or model.
+    cases = [[str(tmp_path / "not_ckpt")], [str(ckpt)]]
+    payload = json.dumps([["megatron_opdlm.training.reshard:main", argv] for argv in cases])
+    done = subprocess.run([sys.executable, "-c", RUNNER, payload], cwd=ROOT,
+                          env={**ENV, "RANK": "0", "WORLD_SIZE": "3"}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (status, stderr), (count_status, count_stderr) = json.loads(done.stdout.splitlines()[-1])
+    _assert_one_line_error(status, stderr, "is not a training checkpoint", cases[0])
+    _assert_one_line_error(count_status, count_stderr, "needs a multiple of 2 processes", cases[1])
+    assert "torchrun --nproc-per-node 2" in count_stderr
     assert not (tmp_path / "save" / "iter_0000002_fully_reshardable").exists()
     assert not list((tmp_path / "save").glob(".*.tmp"))
 
-    help_text = _run(["--help"])
+    # the real command line
+    help_text = subprocess.run([sys.executable, TOOL, "--help"], cwd=ROOT, env=ENV,
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
     assert help_text.returncode == 0 and "fully_reshardable" in help_text.stdout
 
 
