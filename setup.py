@@ -58,6 +58,7 @@ setup(
             "opdlm-train=megatron_opdlm.training.cli:main",
             "opdlm-lm-eval=megatron_opdlm.evaluation.lm_eval_cli:main",
             "opdlm-plan=megatron_opdlm.planning.cli:main",
+            "opdlm-reshard-checkpoint=megatron_opdlm.training.reshard:console_main",
         ],
         # harness versions that discover external models through this group
         "lm_eval.models": ["opdlm=megatron_opdlm.evaluation.lm_eval_backend:OpdlmLM"],

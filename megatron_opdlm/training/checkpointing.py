@@ -16,6 +16,9 @@ Optimizer format (checkpoint.optimizer_format, recorded in trainer_state.json): 
 distributed optimizer, `dp_reshardable` writes each rank's own shard (no cross-DP gather; loads
 at another DP size, same TP/PP); `fully_reshardable` gathers the whole state on every DP rank
 at save time (loads at any TP/PP/DP). Without the distributed optimizer both are layout-free.
+A dp_reshardable checkpoint resumed at another TP/PP/VPP is first converted once into a
+fully_reshardable copy `iter_XXXXXXX_fully_reshardable/` beside it (training/reshard.py: by the
+trainer itself when its world size allows, else by tools/reshard_checkpoint.py).
 The model is always layout-free. RNG states are restored only at the same layout (otherwise the
 run re-seeds from the step and says so).
 
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from megatron_opdlm import checkpoint_layout, config_base
 from megatron_opdlm.config import JobConfig
@@ -69,14 +73,14 @@ def _rank() -> int:
     return collectives.group_rank()
 
 
-def _agree_on_error(message: str | None) -> None:
+def agree_on_error(message: str | None) -> None:
     """Raise the same ValueError on every rank when any rank reports a problem."""
     message = next((m for m in collectives.gather_strings(message) if m), None)
     if message:
         raise ValueError(message)
 
 
-def _write_durable(path: Path, text: str) -> None:
+def write_durable(path: Path, text: str) -> None:
     """Write `text` to `path` and fsync it (metadata a resume depends on)."""
     with open(path, "w") as handle:
         handle.write(text)
@@ -84,7 +88,7 @@ def _write_durable(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,8 +125,26 @@ def resolve_training_checkpoint(path: str | Path) -> Path:
     return ckpt
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    try:
+        return resolve_training_checkpoint(path) == path
+    except ValueError:
+        return False
+
+
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / TRAINER_STATE).read_text())
+
+
+def is_dp_sharded(ckpt: Path) -> bool:
+    """`ckpt`'s optimizer state is in dp_reshardable buckets (tied to its tp/pp/vpp): the
+    distributed optimizer's format; a plain optimizer's state is layout-free in any format."""
+    state = read_trainer_state(ckpt)
+    fmt = state.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
+    if fmt != "dp_reshardable" or not state.get("optimizer_saved", True):
+        return False
+    saved = yaml.safe_load((ckpt / CONFIG_FILE).read_text()) or {}
+    return bool((saved.get("parallel") or {}).get("use_distributed_optimizer"))
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -156,7 +178,7 @@ def layout_signature(job: JobConfig) -> dict[str, int]:
             "vpp": job.parallel.vpp or 0}  # fmt: skip
 
 
-def _optimizer_metadata(optimizer_format: str) -> dict[str, str]:
+def optimizer_metadata(optimizer_format: str) -> dict[str, str]:
     return {"distrib_optim_sharding_type": optimizer_format}
 
 
@@ -220,14 +242,14 @@ class CheckpointWriter:
                     (tmp / sub).mkdir(parents=True)
             except OSError as exc:
                 error = f"cannot create checkpoint directory {tmp}: {exc}"
-        _agree_on_error(error)
+        agree_on_error(error)
         fmt = job.checkpoint.optimizer_format
         model_state = model_sharded_state_dict(chunks)
         has_state = _optimizer_has_state(optimizer)
         optimizer_state = None
         if has_state:
             optimizer_state = optimizer.sharded_state_dict(
-                model_sharded_state_dict(chunks), metadata=_optimizer_metadata(fmt)
+                model_sharded_state_dict(chunks), metadata=optimizer_metadata(fmt)
             )
         if partial_rollout is not None:
             torch.save(partial_rollout, tmp / ROLLOUT_DIR / f"rank_{_rank()}.pt")
@@ -292,8 +314,8 @@ class CheckpointWriter:
             checkpoint_layout.write_model_meta(tmp, job.model, job.diffusion)
             _copy_tokenizer(job, tmp)
             config_base.save_yaml(job, tmp / CONFIG_FILE)
-            _write_durable(tmp / TRAINER_STATE, json.dumps(state, indent=2))
-            _fsync_dir(tmp)
+            write_durable(tmp / TRAINER_STATE, json.dumps(state, indent=2))
+            fsync_dir(tmp)
             save_dir = final.parent
             old = save_dir / f".{final.name}.old"
             if final.exists():  # the same step saved again: keep it until the new one is in
@@ -302,9 +324,9 @@ class CheckpointWriter:
                 final.rename(old)
             tmp.rename(final)
             pointer = save_dir / f".{LATEST}.tmp"
-            _write_durable(pointer, final.name + "\n")
+            write_durable(pointer, final.name + "\n")
             pointer.replace(save_dir / LATEST)
-            _fsync_dir(save_dir)
+            fsync_dir(save_dir)
             if old.exists():
                 shutil.rmtree(old)
             log.info("saved checkpoint %s", final)
@@ -355,26 +377,41 @@ def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
 
 
 def check_resume_layout(ckpt: Path, job: JobConfig) -> None:
-    """ValueError when this run's layout cannot load `ckpt` (before any weight is read)."""
+    """ValueError when this run's layout cannot load `ckpt` (before any weight is read).
+
+    A dp_reshardable optimizer saved at another tp/pp/vpp is refused here; the trainer converts
+    such a checkpoint first (training/reshard.py), or names the tool that does.
+    """
     state = read_trainer_state(ckpt)
     saved, here = state.get("layout") or {}, layout_signature(job)
     model_parallel = {k: saved.get(k) for k in ("tp", "pp", "vpp")}
     same_model_parallel = model_parallel == {k: here[k] for k in ("tp", "pp", "vpp")}
-    fmt = state.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
-    sharded = fmt == "dp_reshardable" and job.parallel.use_distributed_optimizer
-    sharded = sharded and state.get("optimizer_saved", True)
-    if sharded and not same_model_parallel:
-        raise ValueError(
-            f"{ckpt} holds the distributed optimizer in dp_reshardable format, saved at "
-            f"{model_parallel}; it loads at another DP size but not at {here}: resume at the "
-            "saved tp/pp/vpp, or save it there once more with "
-            "checkpoint.optimizer_format=fully_reshardable"
-        )
     if state.get("within_step") and saved != here:
         raise ValueError(
             f"{ckpt} was saved in the middle of a rollout step at layout {saved}; its rollout "
             f"batches are per data-parallel rank, so resume it at that layout (this run: {here})"
         )
+    if not same_model_parallel and is_dp_sharded(ckpt):
+        from megatron_opdlm.training import reshard
+
+        raise ValueError(
+            f"{ckpt} holds the distributed optimizer in dp_reshardable format, saved at "
+            f"{model_parallel}; it loads at another DP size but not at {here}: convert it once "
+            f"with `{reshard.tool_command(ckpt, saved.get('world_size', 1))}` (or start the run "
+            "with a multiple of the saved tp x pp processes: it converts it itself)"
+        )
+
+
+def load_optimizer(ckpt: Path, chunks, optimizer, optimizer_format: str) -> None:
+    """Load `ckpt`'s optimizer state, saved in `optimizer_format`, into `optimizer`."""
+    from megatron.core import dist_checkpointing
+
+    template = optimizer.sharded_state_dict(
+        model_sharded_state_dict(chunks),
+        is_loading=True,
+        metadata=optimizer_metadata(optimizer_format),
+    )
+    optimizer.load_state_dict(dist_checkpointing.load(template, str(ckpt / OPTIMIZER_DIR)))
 
 
 def load_checkpoint(path: str | Path, chunks, optimizer, job: JobConfig) -> dict[str, Any]:
@@ -382,20 +419,13 @@ def load_checkpoint(path: str | Path, chunks, optimizer, job: JobConfig) -> dict
 
     A mid-step checkpoint also returns this rank's rollout batch as state["partial_rollout"].
     """
-    from megatron.core import dist_checkpointing
-
     ckpt = resolve_training_checkpoint(path)
     check_resume_layout(ckpt, job)
     state = read_trainer_state(ckpt)
     checkpoint_layout.load_model_checkpoint(chunks, ckpt)
     fmt = state.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
     if state.get("optimizer_saved", True):
-        optimizer_template = optimizer.sharded_state_dict(
-            model_sharded_state_dict(chunks), is_loading=True, metadata=_optimizer_metadata(fmt)
-        )
-        optimizer.load_state_dict(
-            dist_checkpointing.load(optimizer_template, str(ckpt / OPTIMIZER_DIR))
-        )
+        load_optimizer(ckpt, chunks, optimizer, fmt)
     else:
         log.info("%s was saved before the first optimizer step: the optimizer starts fresh", ckpt)
     rng_file = ckpt / RNG_DIR / f"rank_{_rank()}.pt"

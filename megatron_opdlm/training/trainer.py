@@ -27,7 +27,7 @@ from megatron_opdlm.diffusion.engine import RolloutAborted, generate_rollout
 from megatron_opdlm.runtime import collectives
 from megatron_opdlm.runtime.distributed import device, is_rank0
 from megatron_opdlm.runtime.logging import get_logger
-from megatron_opdlm.training import batches, checkpointing, setup
+from megatron_opdlm.training import batches, checkpointing, reshard, setup
 from megatron_opdlm.training.evaluate import evaluate_kl
 from megatron_opdlm.training.metrics import StepLogger, memory_gib, reduce_loss_metrics
 from megatron_opdlm.training.optimizer import grad_norm_then_step, set_learning_rate
@@ -73,6 +73,8 @@ class Trainer:
         setup.check_job(job, world)
         self.job = job
         self.resume_from = setup.resolve_resume(job)
+        # A dp_reshardable checkpoint of another tp/pp: its fully_reshardable copy (made once).
+        self.resume_from = reshard.convert_if_needed(self.resume_from, job)
         tokenizer = tokenizer if tokenizer is not None else setup.load_tokenizer(job)
         self.train_data, self.eval_data = setup.load_datasets(job, tokenizer)
         self.dp_rank = parallel_state.get_data_parallel_rank()
