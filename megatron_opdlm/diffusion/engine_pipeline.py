@@ -31,14 +31,16 @@ per new block.
 
 Choice (`rollout.pipeline_microbatches`): 1 = whole-batch; M >= 2 = pipelined on M micro-batches
 (at most one per slot); 0 = auto: M = PP, the first rounds run whole-batch, the next ones
-pipelined, each stage measuring its busy time (wall minus time in communication) per round: t(b)
-and M x t(b/M). The ideal then says unpipelined = sum over stages of t(b), pipelined = the
-busiest stage's M x t(b/M); below `MIN_IDEAL_GAIN` the rest of the rollout runs whole-batch. The
-stage times are reduced (max) over the model-parallel group, so every rank takes the same
-choice. PP=1 never pipelines; several model chunks per rank (VPP) fall back to whole-batch rounds
-with a log line (a forward there visits every rank PP x VPP times, so a micro-batch cannot leave
-stage 0 before its decisions return). Results do not depend on the choice: every sequence draws
-from its own random stream and its rows' logits differ only by fp32 key-width rounding.
+pipelined, each stage measuring its busy time (wall minus time in communication, CUDA
+synchronised around each communication while calibrating) per round: t(b) and M x t(b/M). The
+ideal then says unpipelined = sum over stages of t(b), pipelined = the busiest stage's
+M x t(b/M); below `MIN_IDEAL_GAIN` the rest of the rollout runs whole-batch. The stage times
+are reduced (max) over the model-parallel group, so every rank takes the same choice. PP=1
+never pipelines; several model chunks per rank (VPP) fall back to whole-batch rounds with a log
+line (a forward there visits every rank VPP times, so stage 0 cannot move on to the next
+micro-batch before the current one has come back to it). Results do not depend on the
+choice: every sequence draws from its own random stream and its rows' logits differ only by
+fp32 key-width rounding.
 """
 
 from __future__ import annotations
@@ -108,7 +110,6 @@ class _Pipeline:
         self.group, self.last_rank = group, self.runner.last_stage_rank
         self.others = [r for r in collectives.group_ranks(group) if r != self.last_rank]
         self.pending = {}  # micro-batch -> (round work, decisions [a, B, 3], comm handles)
-        self.wait_seconds = 0.0  # time waiting for decisions (communication, not stage cost)
 
     def cycle(self) -> tuple[float | None, bool]:
         """One turn per micro-batch: (this stage's busy seconds in rounds, None when no round
@@ -130,12 +131,9 @@ class _Pipeline:
 
     def _timed(self, function, *args) -> float:
         """Run function(*args); its wall seconds minus the time spent in communication."""
-        start, waited = time.perf_counter(), self._waited()
+        start, waited = time.perf_counter(), self.runner.wait_seconds
         self._guarded(function, *args)
-        return time.perf_counter() - start - (self._waited() - waited)
-
-    def _waited(self) -> float:
-        return self.runner.wait_seconds + self.wait_seconds
+        return time.perf_counter() - start - (self.runner.wait_seconds - waited)
 
     def _guarded(self, function, *args):
         try:
@@ -166,10 +164,10 @@ class _Pipeline:
         self.engine._apply(work.live, decision, work.masked)
 
     def _wait(self, handles) -> None:
-        start = time.perf_counter()
+        start = self.runner.communication_start()
         for handle in handles:
             handle.wait()
-        self.wait_seconds += time.perf_counter() - start
+        self.runner.communication_end(start)  # counted in runner.wait_seconds
 
     def _abandon(self) -> None:
         pending, self.pending = self.pending, {}
@@ -189,6 +187,7 @@ class RoundScheduler:
         if runner.pp_size > 1 and len(runner.chunks) > 1 and requested != 1:
             _log.info("rollout: %s", self.reason)
         self.auto = requested == 0 and self.microbatches > 1
+        runner.sync_timing = self.auto and engine.device.type == "cuda"  # while calibrating
         self.mode = PIPELINED if self.microbatches > 1 and not self.auto else WHOLE
         self.pipeline = _Pipeline(engine, self.microbatches) if self.microbatches > 1 else None
         # per batch round (a whole-batch round, or a pipelined cycle: every micro-batch's turn)
@@ -239,7 +238,7 @@ class RoundScheduler:
         if self.mode == WHOLE and measured[WHOLE] > CALIBRATION_ROUNDS:
             self.mode = PIPELINED
         elif self.mode == PIPELINED and measured[PIPELINED] > CALIBRATION_ROUNDS:
-            self.auto = False
+            self.auto = self.runner.sync_timing = False
             self.pipeline.drain()  # nothing in flight while the ranks agree
             pp, stage = self.runner.pp_size, self.runner.pp_rank
             values = [0.0] * (2 * pp)  # [t(b) per stage, M x t(b/M) per stage]

@@ -23,7 +23,7 @@ from tests.dist_utils import run_distributed
 from tests.distributed.test_engine_parallel import PROMPTS, _each_layout
 
 PIPELINE_PROMPTS = [*PROMPTS, [40] * 9, [12, 13]]  # 6 prompts, a repeated one
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 SAMPLED = {"remasking": "dynamic", "temperature": 1.0, "top_k": 40, "top_p": 0.95}
 # name: (diffusion, rollout, slots (< 6 prompts), micro-batches)
 RUNS = {
