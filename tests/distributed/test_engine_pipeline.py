@@ -3,8 +3,9 @@
 One spawn (2 gloo ranks) serves every test here: both ranks first decode with TP=1 (DP=2, each
 rank its own copy: the reference, one slot per prompt), then at PP=2 on fewer slots than prompts
 (slots refilled mid-rollout) with 2 and 3 micro-batches, greedy and seeded; auto's two outcomes;
-a mid-rollout abort followed by another rollout on the same process group; and PP=2 x VPP=2,
-which falls back to whole-batch rounds. Tokens, step maps and forward counts must be identical
+a mid-rollout abort followed by another rollout on the same process group; a `should_abort`
+that is itself a collective (as the trainer's); and PP=2 x VPP=2, which falls back to
+whole-batch rounds. Tokens, step maps and forward counts must be identical
 (each sequence draws from its own counter-based stream, and its decisions depend only on its own
 logits); the last stage's logits must match the reference's at atol 1e-5 (fp32: a micro-batch's
 forward attends over its own key width, which changes the summation order; measured <= 2e-6 in
@@ -82,6 +83,14 @@ def _aborted(chunks, config):
     return "not aborted", asked
 
 
+def _agreed_never(block):
+    from megatron.core import parallel_state
+
+    from megatron_opdlm.runtime import collectives
+
+    return collectives.any_rank(False, group=parallel_state.get_model_parallel_group())
+
+
 def _body(rank, world_size):
     from megatron_opdlm.diffusion import engine_pipeline
 
@@ -100,6 +109,11 @@ def _body(rank, world_size):
             out["abort"] = _aborted(chunks, config)
             # nothing of the aborted rollout is left in flight: the next one decodes the same
             out["after_abort"] = _rollout(chunks, config, "sampled_m2", 4, 2)
+            # a check that agrees over the group (a collective, as the trainer's) while the
+            # pipeline has messages in flight
+            out["agreed_check"] = _rollout(
+                chunks, config, "sampled_m2", 4, 2, should_abort=_agreed_never
+            )
             results["pp2"] = out
     return results
 
@@ -159,12 +173,14 @@ def test_auto_pipelines_or_falls_back_on_the_measured_ideal(per_rank):
 
 @pytest.mark.timeout(900)
 def test_pipelined_abort_raises_on_every_rank_and_leaves_nothing_in_flight(per_rank):
+    # and a should_abort that is itself a collective runs through a pipelined rollout
     reference = per_rank[0]["reference"]["sampled_m2"]
     for rank, results in enumerate(per_rank):
         message, asked = results["pp2"]["abort"]
         assert message == "rollout aborted before block 2", f"rank {rank}"
         assert asked == [0, 1, 2], f"rank {rank}: asked once per new block"
         _assert_same(results["pp2"]["after_abort"], reference, rank, "after", rank == 1)
+        _assert_same(results["pp2"]["agreed_check"], reference, rank, "agreed", rank == 1)
 
 
 @pytest.mark.timeout(900)
