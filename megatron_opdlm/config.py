@@ -222,6 +222,12 @@ class RolloutConfig:
         "finished one frees its slot for the next prompt; KV memory grows with slots); 0 = one "
         "per prompt",
     )
+    pipeline_microbatches: int = doc(
+        0,
+        "with PP: micro-batches of slots pipelined through the stages during rollout (stages "
+        "work on different micro-batches at once); 0 = auto (PP micro-batches where the first "
+        "rounds measure a gain, else whole-batch rounds), 1 = off, M = M micro-batches",
+    )
 
     def validate(self) -> None:
         if self.steps_per_block < 1:
@@ -236,6 +242,11 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_k={self.top_k} must be >= 0")
         if self.slots < 0:
             raise ValueError(f"rollout.slots={self.slots} must be >= 0 (0 = one per prompt)")
+        if self.pipeline_microbatches < 0:
+            raise ValueError(
+                f"rollout.pipeline_microbatches={self.pipeline_microbatches} must be >= 0 "
+                "(0 = auto, 1 = off)"
+            )
 
 
 @dataclass

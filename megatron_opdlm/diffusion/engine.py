@@ -22,16 +22,21 @@ permutation of the prompts gives each sequence its own tokens back.
 
 Parallelism as in the sampler: every rank of a model-parallel group (TP x PP) passes the same
 prompts and runs the same schedule (it depends only on decisions, which the last pipeline stage
-broadcasts); data-parallel ranks pass their own. With PP every round is one whole-batch pass
-through the stages (ModelRunner's P2P), as in the sampler: micro-batched, pipelined rounds are not
-implemented (on a CPU a round on half the rows costs 0.55-0.85 of the whole, measured, which caps
-what they could gain here; measure t(b/M) on the GPU first).
+sends to the others); data-parallel ranks pass their own. With PP the rounds are either
+whole-batch (one pass of every live slot through the stages, ModelRunner's P2P, then a
+broadcast of the decisions) or pipelined: the slots are split into micro-batches that take
+turns, so stages work on different micro-batches at once and the last stage's decisions for one
+micro-batch travel back while the others are forwarded (`engine_pipeline`; chosen by
+`rollout.pipeline_microbatches`, auto = measured on the first rounds, whole-batch where the ideal
+says no gain, with VPP and at PP=1).
 
 Hooks (the sampler's meaning): `should_abort(block_index) -> bool` is asked each time the
 rollout's furthest block advances (before any sequence starts block k); True raises
-`RolloutAborted`. `stop_rows(response [b, w], lengths [b]) -> [b] bool` is asked for the
-sequences that just committed a block (their responses so far, right-padded); True ends them
-after that block.
+`RolloutAborted` (on every rank; pipelined rounds first finish the messages already posted).
+`stop_rows(response [b, w], lengths [b]) -> [b] bool` is asked for the sequences that just
+committed a block (their responses so far, right-padded); True ends them after that block.
+`round_callback` (engine_rows.RowRoundCallback) runs on the last stage after each round's
+decisions; pipelined, once per micro-batch round (that micro-batch's rows).
 
 Falls back to the lock-step sampler (same arguments) for the no-cache path
 (`rollout.use_kv_cache=false`) and for cores that take column descriptors (FlexAttention): the
@@ -42,11 +47,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from megatron_opdlm.config import DiffusionConfig, ModelConfig, RolloutConfig
 from megatron_opdlm.diffusion import sampler
+from megatron_opdlm.diffusion.engine_pipeline import RoundScheduler
 from megatron_opdlm.diffusion.engine_rows import (
     RowRoundCallback,
     per_row_projection,
@@ -92,7 +99,12 @@ def generate_rollout(
     """Decode `prompts` (this data-parallel rank's) on `slots` slots (0: one per prompt).
 
     `stats`, when given, receives this rank's counts: slots, forwards (rounds + prefill
-    forwards), prefills, rounds, kv_cache_bytes (peak K/V bytes of this rank's layers)."""
+    forwards), prefills, rounds (decision steps: pipelined, one per micro-batch round),
+    kv_cache_bytes (peak K/V bytes of this rank's layers), and the scheduler's: batch_rounds
+    (rounds of all slots: whole-batch rounds + pipelined cycles), pipeline_microbatches (1 =
+    whole-batch rounds at the end), pipeline_reason, pipeline_ideal_gain (auto's measurement or
+    None), round_wall_s / round_busy_s (per batch round and mode: wall seconds; this stage's
+    seconds outside communication, prefills excluded)."""
     strategy = sampler.validate_request(
         prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens
     )
@@ -127,8 +139,19 @@ def generate_rollout(
         stats.update(
             slots=engine.num_slots, forwards=engine.forwards, prefills=engine.prefills,
             rounds=engine.rounds, kv_cache_bytes=engine.cache_bytes,
+            **engine.scheduler.stats(),
         )  # fmt: skip
     return batch
+
+
+class _RoundWork(NamedTuple):
+    """A round's forward, kept until its decisions are made (and, pipelined, applied)."""
+
+    live: torch.Tensor  # [a] slots of the round
+    masked: torch.Tensor  # [a, B] positions still masked before the round
+    logits: torch.Tensor | None  # [rows, B, V] on the last stage (commit rows first), else None
+    commit_slots: torch.Tensor  # [c] slots whose finished block the forward committed
+    need_block: torch.Tensor  # [a] bool, rows that ran their block in the forward
 
 
 class _Engine:
@@ -167,18 +190,15 @@ class _Engine:
         self.queue = deque(range(n))
         self.furthest = -1  # furthest block any sequence has started
         self.callback = self.should_abort = self.stop_rows = None
+        self.scheduler: RoundScheduler | None = None
         self.forwards = self.prefills = self.rounds = 0  # model forwards, for the benchmark
         self.cache_bytes = 0  # peak K/V bytes of this rank
 
-    # -- scheduling -------------------------------------------------------------------------
+    # -- scheduling (the loop itself: engine_pipeline.RoundScheduler) -------------------------
     def run(self, return_confidences: bool) -> RolloutBatch:
         try:
-            while True:
-                self._admit()
-                live = [s for s in range(self.num_slots) if self.sequence[s] >= 0]
-                if not live:
-                    break
-                self._round(torch.tensor(live, dtype=torch.long))
+            self.scheduler = RoundScheduler(self, self.rollout_cfg.pipeline_microbatches)
+            self.scheduler.run()
         finally:
             self.cache_bytes = self.cache.memory_bytes()
             self.cache.free()
@@ -190,9 +210,14 @@ class _Engine:
             if self.should_abort is not None and self.should_abort(block):
                 raise RolloutAborted(f"rollout aborted before block {block}")
 
-    def _admit(self) -> None:
-        """Prefill queued prompts into the free slots (one forward for all of them)."""
-        free = [s for s in range(self.num_slots) if self.sequence[s] < 0]
+    def live_slots(self, candidates: range) -> torch.Tensor:
+        """[a] long: the slots of `candidates` that hold a sequence."""
+        return torch.tensor([s for s in candidates if self.sequence[s] >= 0], dtype=torch.long)
+
+    def _admit(self, candidates: range | None = None) -> None:
+        """Prefill queued prompts into the free slots of `candidates` (default all): one forward."""
+        candidates = range(self.num_slots) if candidates is None else candidates
+        free = [s for s in candidates if self.sequence[s] < 0]
         admitted = free[: len(self.queue)]
         if not admitted:
             return
@@ -240,7 +265,22 @@ class _Engine:
 
     # -- one round --------------------------------------------------------------------------
     def _round(self, live: torch.Tensor) -> None:
-        """One forward for every live slot (commits included), then its decisions."""
+        """A whole-batch round: one forward for `live` (commits included), the last stage's
+        decisions broadcast, applied on every rank."""
+        work = self._round_forward(live)
+        if self.runner.is_last_stage:
+            decision = self._round_decision(work)
+        else:
+            decision = self.empty_decision(live.numel())
+        decision = self.runner.broadcast_from_last_stage(decision)
+        self._apply(live, decision, work.masked)
+
+    def empty_decision(self, rows: int) -> torch.Tensor:
+        """[rows, B, 3] float64: the buffer the last stage's decisions arrive in."""
+        return torch.empty(rows, self.block_size, 3, dtype=torch.float64, device=self.device)
+
+    def _round_forward(self, live: torch.Tensor) -> _RoundWork:
+        """Every rank: the round's forward for `live` (finished blocks committed in it)."""
         bs, dev = self.block_size, self.device
         self.rounds += 1
         masked = self.masked[live.to(dev)]  # [a, B]
@@ -263,15 +303,15 @@ class _Engine:
             logits = self._forward(tokens, starts, round_mask(starts, bs).to(dev), rows)
             self.committed[commit_slots] += bs
             self.pending[commit_slots] = False
-        decision = torch.empty(live.numel(), bs, 3, dtype=torch.float64, device=dev)
-        if self.runner.is_last_stage:
-            num_commits = commit_slots.numel()
-            if self.token_shift and num_commits:  # the finished block's last token
-                self._set_carry(commit_slots, logits[:num_commits, bs - 1])
-            block_logits = self._block_logits(live, logits, num_commits, need_block)
-            decision = self._decide(live, block_logits, masked)
-        decision = self.runner.broadcast_from_last_stage(decision)
-        self._apply(live, decision, masked)
+        return _RoundWork(live, masked, logits, commit_slots, need_block)
+
+    def _round_decision(self, work: _RoundWork) -> torch.Tensor:
+        """Last stage: [a, B, 3] decisions of the round `work` (before any other is applied)."""
+        num_commits = work.commit_slots.numel()
+        if self.token_shift and num_commits:  # the finished block's last token
+            self._set_carry(work.commit_slots, work.logits[:num_commits, self.block_size - 1])
+        block_logits = self._block_logits(work.live, work.logits, num_commits, work.need_block)
+        return self._decide(work.live, block_logits, work.masked)
 
     def _finished_block(self, slot: int) -> torch.Tensor:
         """[B] the tokens of the slot's previous block (to commit)."""

@@ -7,11 +7,18 @@ pipeline rank r is global stage v * pp + r); the last stage projects only the qu
 sampler asked for and gathers them over tensor-parallel ranks, so it returns full-vocabulary
 logits [b, n, V] and every other rank returns None. Decisions made from those logits are sent
 back with `broadcast_from_last_stage`, so all ranks of the pipeline keep the same tokens.
+
+`wait_seconds` adds up the time this rank spent in pipeline communication (receiving, sending,
+the broadcast): a stage's own cost of a forward is its wall time minus that (the rollout engine's
+pipelined rounds measure t(b) and t(b/M) this way, `diffusion.engine_pipeline`). CUDA kernels
+run asynchronously, so while `sync_timing` is set each communication is bracketed by device
+synchronisations: compute before it counts as the stage's, the transfer as waiting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from megatron.core import parallel_state
@@ -37,6 +44,8 @@ class ModelRunner:
         self.post_process = [get_attr_wrapped_model(c, "post_process") for c in model_chunks]
         self.is_last_stage = self.post_process[-1]
         self.communicator = None
+        self.wait_seconds = 0.0  # time in pipeline communication (see the module docstring)
+        self.sync_timing = False  # CUDA: synchronise around communication (measurements)
         if self.pp_size > 1:
             self.pp_group = parallel_state.get_pipeline_model_parallel_group()
             self.communicator = P2PCommunicator(self.pp_group, self.config)
@@ -59,9 +68,11 @@ class ModelRunner:
         output = None
         for chunk, first, last in zip(self.chunks, self.pre_process, self.post_process):
             if not first:
+                start = self.communication_start()
                 hidden = self.communicator.recv_forward(
                     [s, b, self.hidden_size], is_first_stage=False
                 )
+                self.communication_end(start)
                 get_attr_wrapped_model(chunk, "set_input_tensor")(hidden)
             output = chunk(
                 tokens,
@@ -73,14 +84,29 @@ class ModelRunner:
                 output_processor_context=logit_rows,
             )
             if not last:
+                start = self.communication_start()
                 self.communicator.send_forward(output, is_last_stage=False)
+                self.communication_end(start)
         return output.float() if self.is_last_stage else None
 
     def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last pipeline stage's `tensor` on every stage (same shape and dtype everywhere)."""
         if self.pp_size > 1:
+            start = self.communication_start()
             collectives.broadcast_tensor_(tensor, src=self.last_stage_rank, group=self.pp_group)
+            self.communication_end(start)
         return tensor
+
+    def communication_start(self) -> float:
+        if self.sync_timing:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def communication_end(self, start: float) -> None:
+        """Count the seconds since `start` (communication_start) as waiting."""
+        if self.sync_timing:
+            torch.cuda.synchronize()
+        self.wait_seconds += time.perf_counter() - start
 
 
 @contextlib.contextmanager

@@ -101,6 +101,31 @@ def broadcast_tensor_(tensor: torch.Tensor, src: int, group=None) -> torch.Tenso
     return tensor
 
 
+def group_ranks(group) -> list[int]:
+    """Global ranks of `group`, in group order ([0] without a process group)."""
+    return dist.get_process_group_ranks(group) if initialized() else [0]
+
+
+def _point_to_point_device(tensor: torch.Tensor, group) -> None:
+    if tensor.device != comm_device(group):
+        raise ValueError(
+            f"point-to-point send of a tensor on {tensor.device} over a group whose backend "
+            f"needs {comm_device(group)}; move it with .to(comm_device(group)) first"
+        )
+
+
+def isend_tensor(tensor: torch.Tensor, dst: int, group=None, tag: int = 0):
+    """Start sending `tensor` to global rank `dst`; returns the work handle (`.wait()` it)."""
+    _point_to_point_device(tensor, group)
+    return dist.isend(tensor, dst=dst, group=group, tag=tag)
+
+
+def irecv_tensor(tensor: torch.Tensor, src: int, group=None, tag: int = 0):
+    """Start receiving into `tensor` from global rank `src`; returns the work handle."""
+    _point_to_point_device(tensor, group)
+    return dist.irecv(tensor, src=src, group=group, tag=tag)
+
+
 def barrier(group=None) -> None:
     if initialized():
         dist.barrier(group=group)

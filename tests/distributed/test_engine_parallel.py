@@ -45,7 +45,9 @@ def _decode_all(chunks, config):
     return results
 
 
-def _body(rank, world_size):
+def _each_layout(world_size, layouts):
+    """Yield (layout, chunks, config): "tp1" first (DP=2, each rank its own copy: the
+    one-process reference), then every layout of `layouts` with the TP=1 weights resharded."""
     from megatron.core import parallel_state
 
     from megatron_opdlm.models.builder import build_student
@@ -60,8 +62,8 @@ def _body(rank, world_size):
     with torch.no_grad():  # sharper distributions, like a trained model
         reference[0].output_layer.weight.mul_(30.0)
     full_state = {name: p.detach().clone() for name, p in reference[0].named_parameters()}
-    results = {"tp1": _decode_all(reference, config)}
-    for layout, parallel in LAYOUTS.items():
+    yield "tp1", reference, config
+    for layout, parallel in layouts.items():
         layout_config = dataclasses.replace(
             config, parallel=dataclasses.replace(config.parallel, **parallel)
         )
@@ -74,8 +76,12 @@ def _body(rank, world_size):
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_tensor_model_parallel_rank(),
         )
-        results[layout] = _decode_all(chunks, layout_config)
-    return results
+        yield layout, chunks, layout_config
+
+
+def _body(rank, world_size):
+    layouts = _each_layout(world_size, LAYOUTS)
+    return {layout: _decode_all(chunks, config) for layout, chunks, config in layouts}
 
 
 def test_engine_tp2_pp2_match_tp1():

@@ -18,6 +18,11 @@ Round cost at batch 1 (greedy, EOS ignored): ms per round of the engine (block 4
 AR step (block 1 + token shift = cached AR decoding), transformers' generate step.
 PP ceiling: t(b/2) / t(b), the cost of a decode round on half the rows: the best a 2-micro-batch
 pipeline (PP=2) can reach relative to whole-batch rounds (see shared notes, rollout-engine probe).
+PP=2 on gloo (2 processes, tools/bench/rollout_pp2.py): the engine's whole-batch rounds vs its
+pipelined rounds (--pp-microbatches; 0 = auto) on --pp-prompts prompts and --pp-slots slots: wall
+ms per batch round next to the ideal measured in the same run (unpipelined = sum of the stages'
+t(b), pipelined = the busiest stage's M x t(b/M)). --pp-only runs just these rows:
+    python tools/bench/bench_rollout.py --pp-only --pp-prompts 4 --pp-new-tokens 8   # a check
 The machine may be shared: compare rows of one run (ratios); re-measure on a quiet machine.
 """
 
@@ -54,6 +59,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/bench_rollout.json")
+    p.add_argument("--pp-prompts", type=int, default=32, help="PP=2 rows: prompts decoded")
+    p.add_argument("--pp-slots", type=int, default=0, help="PP=2 rows: slots (0 = one each)")
+    p.add_argument("--pp-new-tokens", type=int, default=48, help="PP=2 rows: length cap")
+    p.add_argument(
+        "--pp-microbatches",
+        default="2,0",
+        help="PP=2 rows: micro-batch counts beside whole-batch (0 = auto)",
+    )
+    p.add_argument("--pp-only", action="store_true", help="run only the PP=2 rows")
+    p.add_argument("--no-pp", action="store_true", help="skip the PP=2 rows")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.new_tokens < 4 or args.new_tokens % 4:
         p.error(f"--prompts={args.prompts} must be >= 1 and --new-tokens={args.new_tokens} a "
@@ -64,7 +79,34 @@ def parse_args(argv=None):
         p.error(f"--slots={args.slots!r} must be comma-separated integers, e.g. 8,16,32")
     if any(s < 1 for s in args.slot_list):
         p.error(f"--slots={args.slots!r}: every slot count must be >= 1")
+    try:
+        args.pp_microbatch_list = [int(m) for m in args.pp_microbatches.split(",") if m]
+    except ValueError:
+        p.error(f"--pp-microbatches={args.pp_microbatches!r} must be integers, e.g. 2,0")
+    if any(m < 0 for m in args.pp_microbatch_list) or args.pp_prompts < 2 or args.pp_slots < 0:
+        p.error(
+            f"--pp-microbatches={args.pp_microbatches!r} must be >= 0 (0 = auto), "
+            f"--pp-prompts={args.pp_prompts} >= 2, --pp-slots={args.pp_slots} >= 0"
+        )
+    if args.pp_new_tokens < 4 or args.pp_new_tokens % 4:
+        p.error(f"--pp-new-tokens={args.pp_new_tokens} must be a positive multiple of 4")
+    if args.pp_only and args.no_pp:
+        p.error("--pp-only and --no-pp exclude each other")
     return args
+
+
+def pp2_rows(args, ckpt, rollout):
+    """The PP=2 rows (tools/bench/rollout_pp2.py), printed; {} with --no-pp."""
+    if args.no_pp:
+        return {}
+    import rollout_pp2
+
+    pp2 = rollout_pp2.run_pp2(
+        ckpt, args.pp_prompts, args.pp_new_tokens, args.pp_slots, args.pp_microbatch_list,
+        args.threads, args.seed, rollout,
+    )  # fmt: skip
+    rollout_pp2.print_pp2(pp2)
+    return pp2
 
 
 def load_bundled_prompts(tokenizer, job, count):
@@ -181,11 +223,13 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     hf_dir, ckpt = bench_sampler.prepare(args)
+    demo_rollout = dict(
+        temperature=1.0, remasking="dynamic", threshold=0.9, steps_per_block=4, use_kv_cache=True
+    )
+    if args.pp_only:
+        return write_json(args, argv, {"pp2": pp2_rows(args, ckpt, demo_rollout)})
     job, chunks, tokenizer, trained = bench_sampler.load_student(ckpt)
-    job.rollout = dataclasses.replace(
-        job.rollout, temperature=1.0, remasking="dynamic", threshold=0.9, steps_per_block=4,
-        use_kv_cache=True,
-    )  # fmt: skip
+    job.rollout = dataclasses.replace(job.rollout, **demo_rollout)
     prompts = load_bundled_prompts(tokenizer, job, args.prompts)
     n = len(prompts)
     results = []
@@ -239,6 +283,7 @@ def main(argv=None) -> int:
         "pp2_ideal_pipelined_vs_unpipelined": t4 / t8,
     })  # fmt: skip
     print_table(results, costs, summary)
+    pp2 = pp2_rows(args, ckpt, demo_rollout)
     meta = {
         "command": "python tools/bench/bench_rollout.py " + " ".join(argv or sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
@@ -254,10 +299,22 @@ def main(argv=None) -> int:
         "student_trained": trained,
         "note": "shared machine under load: compare ratios of this run; re-measure quietly",
     }
+    payload = {"meta": meta, "results": results, "round_costs_ms": costs, "ratios": summary}
+    return write_json(args, argv, {**payload, "pp2": pp2})
+
+
+def write_json(args, argv, payload) -> int:
+    """Write `payload` (+ the command) to --out through a temporary name."""
+    payload.setdefault("meta", {})["command"] = "python tools/bench/bench_rollout.py " + " ".join(
+        argv or sys.argv[1:]
+    )
+    payload["meta"]["pp2_settings"] = {
+        "prompts": args.pp_prompts, "slots": args.pp_slots, "new_tokens": args.pp_new_tokens,
+        "microbatches": args.pp_microbatch_list, "threads": args.threads,
+    }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    payload = {"meta": meta, "results": results, "round_costs_ms": costs, "ratios": summary}
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.rename(out)
     print(f"wrote {out}")
