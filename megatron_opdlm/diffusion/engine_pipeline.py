@@ -66,6 +66,10 @@ WHOLE, PIPELINED = "whole-batch", "pipelined"
 
 _log = get_logger(__name__)
 _logged: set[str] = set()  # auto's outcomes, logged once per process
+# auto's choice per (slots, micro-batches, pp): measured in the first rollout of that shape, then
+# reused, so a trainer does not spend calibration rounds in every rollout step. Every rank of a
+# model-parallel group decides from the same all-reduced timings, so the caches agree.
+_decided: dict[tuple[int, int, int], tuple[str, float]] = {}
 
 
 def choose_microbatches(requested: int, pp_size: int, num_chunks: int, slots: int):
@@ -194,6 +198,11 @@ class RoundScheduler:
         self.wall = {WHOLE: [], PIPELINED: []}  # wall seconds, prefills included
         self.busy = {WHOLE: [], PIPELINED: []}  # this stage's seconds in rounds, waits excluded
         self.gain: float | None = None  # auto's ideal gain, once measured
+        self.shape = (engine.num_slots, self.microbatches, runner.pp_size)
+        if self.auto and self.shape in _decided:
+            self.auto = runner.sync_timing = False
+            self.mode, self.gain = _decided[self.shape]
+            self.reason = f"auto: {self.mode} rounds (decided earlier, ideal gain {self.gain:.2f}x)"
 
     def run(self) -> None:
         while self._whole_batch_round() if self.mode == WHOLE else self._cycle():
@@ -250,6 +259,7 @@ class RoundScheduler:
             self.gain = ideal_gain(values[:pp], values[pp:])
             if self.gain < MIN_IDEAL_GAIN:
                 self.mode = WHOLE
+            _decided[self.shape] = (self.mode, self.gain)
             self.reason = (
                 f"auto: {self.mode} rounds (ideal gain of {self.microbatches} micro-batches "
                 f"{self.gain:.2f}x, pipelined from {MIN_IDEAL_GAIN}x)"

@@ -104,8 +104,13 @@ def _body(rank, world_size):
             out = {run: _rollout(chunks, config, run, *RUNS[run][2:]) for run in RUNS}
             # auto (0): the ideal measured on the first rounds against the threshold
             for name, threshold in (("auto_pipelines", 0.0), ("auto_falls_back", math.inf)):
+                engine_pipeline._decided.clear()  # measure afresh: the same shape each time
                 engine_pipeline.MIN_IDEAL_GAIN = threshold
                 out[name] = _rollout(chunks, config, "greedy_m3", 4, 0)
+            # the next rollout of that shape reuses the choice (no calibration rounds), even
+            # with a threshold that would now choose otherwise
+            engine_pipeline.MIN_IDEAL_GAIN = 0.0
+            out["auto_reused"] = _rollout(chunks, config, "greedy_m3", 4, 0)
             out["abort"] = _aborted(chunks, config)
             # nothing of the aborted rollout is left in flight: the next one decodes the same
             out["after_abort"] = _rollout(chunks, config, "sampled_m2", 4, 2)
@@ -169,6 +174,11 @@ def test_auto_pipelines_or_falls_back_on_the_measured_ideal(per_rank):
         assert results["pp2"]["auto_falls_back"]["stats"]["pipeline_reason"].startswith(
             "auto: whole-batch rounds"
         )
+        reused = results["pp2"]["auto_reused"]
+        _assert_same(reused, reference, rank, "auto_reused", last_stage=rank == 1)
+        assert reused["stats"]["pipeline_microbatches"] == 1
+        assert "decided earlier" in reused["stats"]["pipeline_reason"]
+        assert not reused["stats"]["round_busy_s"]["pipelined"], "no calibration rounds"
 
 
 @pytest.mark.timeout(900)
