@@ -1,10 +1,12 @@
 """Peak memory per rank and per phase of one OPDLM rollout step, by component.
 
-Phases (the trainer's order): rollout (student decodes with a KV cache), teacher targets (causal
-forward over [prompt | x0] for the optimizer step's rows, targets held), student forward/backward
-(packed row [prompt | x0 | x_t], S = P + 2R), optimizer step, checkpoint save. Model states
-(teacher weights; student weights, gradient buffer, optimizer state) stay resident throughout;
-every other component lives in its phase only. The phase peak, not the sum, decides the fit.
+Phases (the trainer's order): rollout (student decodes with a KV cache), distill (one
+forward-backward schedule per optimizer step in which each micro-batch runs the teacher's causal
+forward over [prompt | x0], turns its projected rows into that micro-batch's targets on the last
+stage, then the student's forward/backward over the packed row [prompt | x0 | x_t], S = P + 2R;
+training/steps.py), optimizer step, checkpoint save. Model states (teacher weights; student
+weights, gradient buffer, optimizer state) stay resident throughout; every other component lives
+in its phase only. The phase peak, not the sum, decides the fit.
 
 Allowance: a fixed CUDA context + NCCL communicators term and a fragmentation fraction of the
 tensor peak (`Allowance`), stated in every report.
@@ -18,7 +20,7 @@ from megatron_opdlm.config import JobConfig
 from megatron_opdlm.planning import activations, params
 from megatron_opdlm.planning.gpus import GIB, GPU
 
-PHASES = ("rollout", "teacher", "student", "optimizer", "checkpoint")
+PHASES = ("rollout", "distill", "optimizer", "checkpoint")
 RECOMPUTE = ("none", "selective", "full")
 ATTENTION = ("dense", "flex")
 IMPLS = ("local", "transformer_engine")
@@ -168,11 +170,20 @@ def _logit_bytes(req: PlanRequest, rows: int, columns: int, per_elem: int) -> in
     return rows * columns * vocab_shard * per_elem
 
 
+# Teacher targets alive at once on the last stage: its micro-batches in flight between forward
+# and backward. 1F1B and the interleaved schedule both run the last stage's backward of a
+# micro-batch right after its forward (tests/distributed/test_fused_step.py counts them).
+TARGETS_IN_FLIGHT = 1
+
+
 def _targets_held(req: PlanRequest) -> int:
-    """Teacher targets of the whole optimizer step, held until the student pass (steps.py)."""
+    """Teacher targets of the micro-batches in flight on the last stage (training/steps.py makes
+    and reads them per micro-batch inside the student's schedule): full vocabulary fp32
+    [mbs, R, V/tp], or top-K fp32 values + int64 ids."""
+    rows = req.job.train.micro_batch_size * TARGETS_IN_FLIGHT
     if req.top_k is None:
-        return _logit_bytes(req, req.step_rows, req.response_length, 4)
-    return req.step_rows * req.response_length * req.top_k * (4 + 8)
+        return _logit_bytes(req, rows, req.response_length, 4)
+    return rows * req.response_length * req.top_k * (4 + 8)
 
 
 def _packed_masks(req: PlanRequest) -> int:
@@ -222,7 +233,9 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
         in_flight = _in_flight(par.pp, par.vpp, pp_rank, req.micro_batches)
         per_chunk_act = act_one // max(1, len(s_count.chunks))
         shape = _shape(req, seq_student)
-        boundary = e * seq_student * mbs * job.model.hidden_size  # one p2p activation tensor
+        # one p2p activation tensor: the teacher's and the student's hidden states, concatenated
+        seq_boundary = seq_student + (seq_teacher if req.with_teacher else 0)
+        boundary = e * seq_boundary * mbs * job.model.hidden_size
         # p2p send/recv of stage boundaries; Megatron's global buffer for the SP all-gather
         comm = (2 * boundary if par.pp > 1 else 0) + (boundary if par.sequence_parallel else 0)
         kv = kv_cache_bytes(req, s_count.layers) if req.with_rollout else 0
@@ -238,6 +251,11 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
             cols = r if not par.sequence_parallel else seq_student
             student_logits = _logit_bytes(req, mbs, cols, e + (12 if req.top_k else 16))
         working = activations.layer_working_bytes(shape, req.impl, req.attention, req.recompute)
+        teacher_transient = 0
+        if req.with_teacher:
+            teacher_transient = _no_grad_layer_bytes(req, mbs, seq_teacher, seq_teacher)
+        else:
+            teacher_logits = 0
         stored = per_chunk_act * in_flight if par.vpp else act_one * in_flight
         owned = state.adam_moments // 8  # optimizer elements on this rank
         # torch's foreach Adam (no TE/Apex) materialises the fp32 denominator of the update;
@@ -250,12 +268,13 @@ def plan_memory(req: PlanRequest) -> MemoryPlan:
         phases = {
             "rollout": {**resident, "kv_cache": kv, "prefill_transient": prefill,
                         "sampler_logits": sampler},
-            "teacher": {**resident, "packed_masks": masks, "teacher_targets": held,
-                        "teacher_forward_transient": _no_grad_layer_bytes(
-                            req, mbs, seq_teacher, seq_teacher),
-                        "teacher_logits": teacher_logits, "comm_buffers": comm},
-            "student": {**resident, "packed_masks": masks, "teacher_targets": held,
-                        "activations": stored, "backward_working_set": working,
+            # One schedule: a micro-batch's no-grad teacher forward, its targets, the student's
+            # forward and backward, on top of the activations of the micro-batches in flight.
+            # The teacher's transients and the student's backward alternate; summed (a bound).
+            "distill": {**resident, "packed_masks": masks, "teacher_targets": held,
+                        "teacher_forward_transient": teacher_transient,
+                        "teacher_logits": teacher_logits, "activations": stored,
+                        "backward_working_set": working,
                         "student_logits_softmax_grads": student_logits, "comm_buffers": comm},
             "optimizer": {**resident, "optimizer_temporaries": adam_temporaries},
             "checkpoint": {**resident, "checkpoint_gather": save_gather},

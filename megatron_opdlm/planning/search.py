@@ -9,7 +9,7 @@ Step time of one rollout step (`estimate_step_time`), per DP rank, with stated e
   max(FLOPs / (peak x compute_eff), bytes read (weights + KV) / (HBM x memory_eff)) summed over
   the PP stages, which run one after another (rollout with PP is serial), plus 2 TP all-reduce
   latencies per layer; the prefill is compute-bound;
-- teacher: 2 x matmul params x tokens + causal attention, with the forward-only PP bubble;
+- teacher: 2 x matmul params x tokens + causal attention, in the student's schedule (its bubble);
 - student: 3 x forward (+1 forward with full recompute), dense attention computes all S^2
   scores (FlexAttention skips masked blocks: half), with the 1F1B bubble (pp-1)/(m x vpp);
 - communication: TP all-reduces (4 per layer fwd+bwd of [s, b, h]), DP gradient reduce (fp32,
@@ -91,11 +91,13 @@ def estimate_step_time(req: PlanRequest, eff: Efficiency = Efficiency()) -> Step
     )
     rollout = rounds * round_time + prefill * pp  # stages serial in the prefill too
 
-    # teacher: all rows of the rollout step, forward only
+    # teacher: all rows of the rollout step, forward only, inside the student's schedule (its
+    # micro-batches share the student's 1F1B bubble)
     st, ss = p + r, p + 2 * r
-    bubble_fwd = (pp - 1) / max(1, req.micro_batches)
+    vpp = par.vpp or 1
+    bubble = (pp - 1) / (max(1, req.micro_batches) * vpp)
     teacher_flops = rows * (2 * lp * layers * st + 2 * layers * st * st * attn_width + 2 * head * r)
-    teacher = teacher_flops / (tp * pp * flops) * (1 + bubble_fwd)
+    teacher = teacher_flops / (tp * pp * flops) * (1 + bubble)
 
     # student: forward + backward (+ recompute)
     attn_factor = 0.5 if req.attention == "flex" else 1.0
@@ -105,8 +107,6 @@ def estimate_step_time(req: PlanRequest, eff: Efficiency = Efficiency()) -> Step
         passes_attn = 4 * layers * ss * ss * attn_width * attn_factor
     else:
         passes_attn = 0
-    vpp = par.vpp or 1
-    bubble = (pp - 1) / (max(1, req.micro_batches) * vpp)
     student = rows * (passes * fwd + passes_attn) / (tp * pp * flops) * (1 + bubble)
 
     # communication per rollout step

@@ -26,7 +26,7 @@ from megatron_opdlm.diffusion.packing import loss_positions
 from megatron_opdlm.runtime import collectives
 from megatron_opdlm.training import batches
 from megatron_opdlm.training.metrics import reduce_loss_metrics
-from megatron_opdlm.training.steps import run_student, run_teacher
+from megatron_opdlm.training.steps import run_step
 
 
 def _eval_job(job: JobConfig) -> JobConfig:
@@ -75,9 +75,10 @@ def evaluate_kl(models, data: PromptDataset, job: JobConfig, dp_rank: int, dp_si
             scored.train.micro_batch_size = 1
             micro = batches.pack_rows(rollout, x_t, scored, 0, rollout.prompt_tokens.shape[0])
             scored.train.micro_batch_size = micro_size
-            targets = run_teacher(models.teacher, micro, scored, top_k=None)
-            metric_dicts += run_student(models.student, micro, targets, scored, int(counts[0]),
-                                        int(counts[1]), forward_only=True)  # fmt: skip
+            # Teacher targets per micro-batch, inside the student's forward-only schedule.
+            output = run_step(models.student, models.teacher, micro, scored, int(counts[0]),
+                              int(counts[1]), forward_only=True)  # fmt: skip
+            metric_dicts += output.metrics
     summary = reduce_loss_metrics(metric_dicts, with_teacher=True)
     return {"kl": summary.get("divergence", float("nan")),
             "loss_tokens": summary.get("loss_tokens", 0.0)}  # fmt: skip

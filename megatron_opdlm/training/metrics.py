@@ -106,12 +106,12 @@ class StepLogger:
         times = values
         log.info(
             "step %d/%d | rollout %d | loss %.4f | kl %.4f | lr %.2e | grad norm %.3f | "
-            "rollout tokens %d | tokens/s %.1f | time rollout %.2fs teacher %.2fs "
-            "student %.2fs optim %.2fs | mem %.2f GiB%s",
+            "rollout tokens %d | tokens/s %.1f | time rollout %.2fs teacher+student %.2fs "
+            "optim %.2fs | mem %.2f GiB%s",
             step, total, values["rollout_step"], values.get("loss", float("nan")),
             values.get("divergence", float("nan")), values["lr"], values["grad_norm"],
             values["rollout_tokens"], values["tokens_per_second"], times["time_rollout"],
-            times["time_teacher"], times["time_student"], times["time_optimizer"],
+            times["time_forward_backward"], times["time_optimizer"],
             values["memory_gib"], " | SKIPPED" if values.get("skipped") else "",
         )  # fmt: skip
 

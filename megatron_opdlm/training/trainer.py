@@ -4,8 +4,9 @@ Per rollout step s (prompts_per_rollout prompts over all DP ranks):
   prompts (DP-sharded) -> x0: the student's own rollout (opdlm, opdlm_off) or the data's
   responses (offpolicy, mdlm_sft), cut at the curriculum's cap L_s -> x_t: states from the step map
   (opdlm) or random masks (baselines) -> prompts_per_rollout / global_batch_size optimizer steps,
-  each: teacher targets (forward-only schedule) -> finite check -> student forward/backward
-  (schedule, PP micro-batches) -> finite checks on loss and gradient norm -> optimizer step.
+  each: one forward-backward schedule over the PP micro-batches in which each micro-batch's
+  teacher targets are made and read by its student loss (training/steps.py) -> finite checks on
+  the teacher targets, loss and gradient norm -> optimizer step.
 Stops (signal, deadline, STOP file) are agreed before each rollout block, after the rollout,
 between optimizer steps and at the end of a rollout step (training/preemption.py); the last
 consistent state is then saved and the run exits with EXIT_RESUME (or EXIT_FINISHED for STOP).
@@ -34,12 +35,7 @@ from megatron_opdlm.training.optimizer import grad_norm_then_step, set_learning_
 from megatron_opdlm.training.preemption import StopPoints
 from megatron_opdlm.training.resilience import StopRequest, check_finite, is_finite
 from megatron_opdlm.training.schedules import learning_rate, rollout_length_cap
-from megatron_opdlm.training.steps import (
-    run_student,
-    run_teacher,
-    targets_are_finite,
-    teacher_top_k,
-)
+from megatron_opdlm.training.steps import run_step
 
 log = get_logger("training")
 
@@ -136,22 +132,20 @@ class Trainer:
         if tokens == 0:
             log.warning("optimizer step %d has no loss token; skipped", step)
             return {**record, "skipped": 1.0}
-        targets = None
-        start = time.perf_counter()
-        if self.models.teacher is not None and job.distill.mode != "mdlm_sft":
-            targets = run_teacher(self.models.teacher, micro_batches, job, teacher_top_k(job))
-            local_ok = targets is None or all(targets_are_finite(t) for t in targets)
-            if not check_finite("teacher log-probs", local_ok, step, policy):
-                return {**record, "skipped": 1.0}
-        times["time_teacher"] = time.perf_counter() - start
+        # Teacher targets are made and read per micro-batch inside the student's schedule.
+        teacher = self.models.teacher if job.distill.mode != "mdlm_sft" else None
         start = time.perf_counter()
         set_learning_rate(self.models.optimizer, record["lr"])
         for chunk in self.models.student:
             chunk.zero_grad_buffer()
         self.models.optimizer.zero_grad()
-        metric_dicts = run_student(self.models.student, micro_batches, targets, job, tokens,
-                                   sequences)  # fmt: skip
-        times["time_student"] = time.perf_counter() - start
+        output = run_step(self.models.student, teacher, micro_batches, job, tokens, sequences)
+        times["time_forward_backward"] = time.perf_counter() - start
+        # A non-finite target skips (or stops) the step before its gradients are used; the
+        # next step zeroes the gradient buffers first.
+        if not check_finite("teacher log-probs", output.teacher_finite, step, policy):
+            return {**record, "skipped": 1.0}
+        metric_dicts = output.metrics
         start = time.perf_counter()
         losses_ok = all(is_finite(m["loss"]) for m in metric_dicts)
         record.update(reduce_loss_metrics(metric_dicts, job.distill.mode != "mdlm_sft"))
@@ -231,8 +225,8 @@ class Trainer:
         history = []
         for k in range(first, self.steps_per_rollout):
             step_start = time.perf_counter()
-            times = {"time_rollout": rollout_time if k == 0 else 0.0, "time_teacher": 0.0,
-                     "time_student": 0.0, "time_optimizer": 0.0}  # fmt: skip
+            times = {"time_rollout": rollout_time if k == 0 else 0.0,
+                     "time_forward_backward": 0.0, "time_optimizer": 0.0}  # fmt: skip
             micro = batches.pack_rows(rollout, x_t, job, k * local_batch, (k + 1) * local_batch)
             record = self._optimizer_step(micro, times)
             self.optimizer_step += 1

