@@ -37,6 +37,13 @@ def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
     return finalize_model_grads(model, None, **kwargs)
 
 
+# Gradient-bucket size with overlap_grad_reduce, fixed: megatron-core's default is
+# max(40M, 1M x DP), so above DP 40 the bucket layout (and with it the flat buffers of a
+# dp_reshardable optimizer checkpoint) would depend on DP and the checkpoint would no longer load
+# at another DP size. 40M is that default for DP <= 40.
+DDP_BUCKET_SIZE = 40_000_000
+
+
 def wrap_ddp(chunks: list[torch.nn.Module], job: JobConfig) -> list[DistributedDataParallel]:
     """Wrap the student's chunks in Megatron DDP; weights are made equal over DP ranks."""
     config = unwrap(chunks[0]).config
@@ -44,6 +51,7 @@ def wrap_ddp(chunks: list[torch.nn.Module], job: JobConfig) -> list[DistributedD
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=job.parallel.overlap_grad_reduce,
+        bucket_size=DDP_BUCKET_SIZE if job.parallel.overlap_grad_reduce else None,
         use_distributed_optimizer=job.parallel.use_distributed_optimizer,
         average_in_collective=False,
     )
