@@ -95,7 +95,7 @@ def _jsonl_prompt(record, where: str):
 
 def check_checkpoint(path: str) -> Path:
     """A checkpoint directory with its model and tokenizer, checked before anything is built."""
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         MODEL_DIR,
         TOKENIZER_DIR,
         resolve_checkpoint_dir,

@@ -42,7 +42,7 @@ class MegatronEngine:
                  as_diffusion: DiffusionConfig | None):  # fmt: skip
         from megatron.core import parallel_state
 
-        from megatron_opdlm.conversion.checkpoint_io import TOKENIZER_DIR, resolve_checkpoint_dir
+        from megatron_opdlm.checkpoint_layout import TOKENIZER_DIR, resolve_checkpoint_dir
         from megatron_opdlm.diffusion.model_runner import ModelRunner
         from megatron_opdlm.evaluation.models import load_eval_model
         from megatron_opdlm.models.vocab import init_mask_token_row

@@ -21,7 +21,7 @@ def _make_student(root):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from megatron_opdlm.config import DiffusionConfig
-    from megatron_opdlm.conversion.checkpoint_io import read_model_meta, write_model_meta
+    from megatron_opdlm.checkpoint_layout import read_model_meta, write_model_meta
     from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
     from megatron_opdlm.conversion.synthetic import save_tiny_hf
 
