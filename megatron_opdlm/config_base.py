@@ -137,7 +137,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], cls: type, override: str) -> None:
-    """Apply one `a.b.c=value` override to the nested mapping `data` (typed by `cls`)."""
+    """Apply one `a.b.c=value` override to the nested mapping `data` (typed by `cls`); for a
+    mapping field `a.b=...` replaces it (a YAML mapping) and `a.b.KEY=value` sets one key."""
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like section.key=value")
     dotted, text = override.split("=", 1)
