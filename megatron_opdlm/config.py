@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_opdlm import config_base
 from megatron_opdlm.config_base import doc, section
+from megatron_opdlm.data.tokenizer import check_template_kwargs
 
 
 @dataclass
@@ -331,9 +332,22 @@ class DataConfig:
     eval_limit: int = doc(0, "held-out prompts used per evaluation (the first N); 0 = all")
     tokenizer: str | None = doc(None, "HF tokenizer directory or SentencePiece model file")
     chat_template: bool = doc(True, "wrap prompts in the tokenizer's chat template")
+    chat_template_kwargs: dict[str, Any] = doc(
+        {},
+        "variables for the chat template, a mapping (e.g. {enable_thinking: false} for Qwen3); "
+        "one key on the command line: data.chat_template_kwargs.enable_thinking=false",
+    )
     max_prompt_length: int = doc(256, "prompts longer than this (tokens) are refused")
 
     def validate(self) -> None:
+        self.chat_template_kwargs = check_template_kwargs(
+            self.chat_template_kwargs, "data.chat_template_kwargs"
+        )
+        if self.chat_template_kwargs and not self.chat_template:
+            raise ValueError(
+                f"data.chat_template_kwargs={self.chat_template_kwargs} is set but "
+                "data.chat_template=false, so no template would read them; drop one of the two"
+            )
         if self.max_prompt_length < 1:
             raise ValueError(f"data.max_prompt_length={self.max_prompt_length} must be >= 1")
         if self.eval_limit < 0:

@@ -38,6 +38,10 @@ def _is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp) and isinstance(tp, type)
 
 
+def _is_mapping(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
 def _parse_scalar(text: str, tp: Any, where: str) -> Any:
     """Parse a command-line string into the field's type (YAML syntax for lists/None/bools)."""
     try:
@@ -133,7 +137,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], cls: type, override: str) -> None:
-    """Apply one `a.b.c=value` override to the nested mapping `data` (typed by `cls`)."""
+    """Apply one `a.b.c=value` override to the nested mapping `data` (typed by `cls`); for a
+    mapping field `a.b=...` replaces it (a YAML mapping) and `a.b.KEY=value` sets one key."""
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like section.key=value")
     dotted, text = override.split("=", 1)
@@ -148,6 +153,15 @@ def apply_override(data: dict[str, Any], cls: type, override: str) -> None:
                 f"known: {sorted(names)}"
             )
         tp = _resolve_type(node_cls, part)
+        if i == len(parts) - 2 and _is_mapping(tp):
+            # one key of a mapping field (data.chat_template_kwargs.enable_thinking=false)
+            mapping = node.get(part)
+            if mapping is None:
+                mapping = node[part] = {}
+            elif not isinstance(mapping, dict):
+                raise ValueError(f"override {dotted!r}: {part!r} holds {mapping!r}, not a mapping")
+            mapping[parts[-1]] = _parse_scalar(text, Any, dotted)
+            return
         if i == len(parts) - 1:
             if _is_section(tp):
                 raise ValueError(f"override {dotted!r} names a section; give one of its keys")

@@ -74,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=6, help="QA answers kept in the JSON per model")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8])
     p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument(
+        "--chat-template-kwargs",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a chat-template variable for the QA and held-out prompts (repeatable), e.g. "
+        "enable_thinking=false, or a mapping '{enable_thinking: false}'",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -98,7 +105,12 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def check_args(args) -> tuple[dict[str, str], dict[str, int]]:
-    """Every argument problem before a model is built."""
+    """Every argument problem before a model is built (sets args.template_kwargs)."""
+    from megatron_opdlm.data.tokenizer import parse_template_kwargs
+
+    args.template_kwargs = parse_template_kwargs(
+        args.chat_template_kwargs, "--chat-template-kwargs"
+    )
     models = _pairs(args.model, "--model")
     tokens = {k: int(v) for k, v in _pairs(args.training_tokens, "--training-tokens").items()}
     evaluating = bool(models) or args.teacher is not None
@@ -148,12 +160,16 @@ def evaluate(args, models: dict[str, str], tokens: dict[str, int]) -> tuple[dict
         qa = heldout = []
         if args.qa_items:
             records = inputs.read_jsonl(args.qa or inputs.QA_SET, args.qa_items, need_answer=True)
-            qa = inputs.tokenize(records, tokenizer, args.max_prompt_length)
+            qa = inputs.tokenize(
+                records, tokenizer, args.max_prompt_length, template_kwargs=args.template_kwargs
+            )
         if args.heldout_prompts:
             records = inputs.read_jsonl(
                 args.heldout or inputs.HELDOUT_PROMPTS, args.heldout_prompts
             )
-            heldout = inputs.tokenize(records, tokenizer, args.max_prompt_length)
+            heldout = inputs.tokenize(
+                records, tokenizer, args.max_prompt_length, template_kwargs=args.template_kwargs
+            )
         settings = EvalSettings(
             args.max_new_tokens,
             args.qa_max_new_tokens,
@@ -198,6 +214,7 @@ def evaluate(args, models: dict[str, str], tokens: dict[str, int]) -> tuple[dict
                 "dtype": args.dtype,
                 "tp": args.tp,
                 "pp": args.pp,
+                "chat_template_kwargs": args.template_kwargs,
             },
             "environment": {
                 "machine": platform.machine(),

@@ -1,6 +1,8 @@
 """Generate text with the block-diffusion sampler from a Megatron checkpoint (teacher or student).
 
     python tools/generate.py --ckpt CKPT --prompt "What is 7 * 8?" --chat --max-new-tokens 64
+    python tools/generate.py --ckpt QWEN3_CKPT --prompt "Hi" --chat \
+        --chat-template-kwargs enable_thinking=false   # a variable of the chat template
     python tools/generate.py --ckpt CKPT --prompts prompts.txt --remasking dynamic --threshold 0.9
     torchrun --nproc-per-node 2 tools/generate.py --ckpt CKPT --prompts prompts.jsonl --tp 2
 
@@ -31,6 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--prompt", help="one prompt (text)")
     source.add_argument("--prompts", help="file: one prompt per line, or JSONL with 'prompt'")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument(
+        "--chat-template-kwargs",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a chat-template variable (repeatable), e.g. enable_thinking=false, or a mapping "
+        "'{enable_thinking: false}'; needs --chat",
+    )
     p.add_argument("--block-size", type=int, help="default: the checkpoint's (4 for a teacher)")
     shift = p.add_mutually_exclusive_group()
     shift.add_argument("--token-shift", dest="token_shift", action="store_true", default=None)
@@ -93,9 +102,32 @@ def _jsonl_prompt(record, where: str):
     return record["prompt"]
 
 
+def chat_template_kwargs(args) -> dict:
+    """--chat-template-kwargs as a dict (checked like data.chat_template_kwargs)."""
+    from megatron_opdlm.data.tokenizer import parse_template_kwargs
+
+    kwargs = parse_template_kwargs(args.chat_template_kwargs, "--chat-template-kwargs")
+    if kwargs and not args.chat:
+        raise UsageError(
+            "--chat-template-kwargs", "is given without --chat", "add --chat to use the template"
+        )
+    return kwargs
+
+
+def encode_prompts(tokenizer, texts: list, chat: bool, template_kwargs: dict) -> list[list[int]]:
+    """Token ids of every prompt (chat template with `template_kwargs` when `chat`)."""
+    prompts = [
+        tokenizer.encode_prompt(t, chat=chat, template_kwargs=template_kwargs) for t in texts
+    ]
+    for index, ids in enumerate(prompts):
+        if not ids:
+            raise UsageError(f"prompt {index}", "tokenizes to nothing", "give a non-empty prompt")
+    return prompts
+
+
 def check_checkpoint(path: str) -> Path:
     """A checkpoint directory with its model and tokenizer, checked before anything is built."""
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         MODEL_DIR,
         TOKENIZER_DIR,
         resolve_checkpoint_dir,
@@ -164,16 +196,14 @@ def main(argv=None) -> int:
     from megatron_opdlm.runtime import distributed
 
     texts = read_prompts(args)
+    template_kwargs = chat_template_kwargs(args)
     ckpt = check_checkpoint(args.ckpt)
     model_cfg, trained_diffusion = read_model_meta(ckpt)
     job = build_job(args, model_cfg, trained_diffusion)
     launch = distributed.read_launch_env()
     job.validate(world_size=launch.world_size)
     tokenizer = load_tokenizer(ckpt / TOKENIZER_DIR)
-    prompts = [tokenizer.encode_prompt(text, chat=args.chat) for text in texts]
-    for index, ids in enumerate(prompts):
-        if not ids:
-            raise UsageError(f"prompt {index}", "tokenizes to nothing", "give a non-empty prompt")
+    prompts = encode_prompts(tokenizer, texts, args.chat, template_kwargs)
 
     distributed.initialize(job.parallel, seed=args.seed)
     chunks = build_student(job)

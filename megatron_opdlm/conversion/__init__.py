@@ -1,5 +1,5 @@
 """Hugging Face <-> Megatron checkpoint conversion (the checkpoint directory format itself lives
-in megatron_opdlm/checkpoint_layout.py; checkpoint_io is an alias of it).
+in megatron_opdlm/checkpoint_layout.py).
 
 hf_config        config.json <-> ModelConfig / DiffusionConfig, supported families
 families         per-family tensor mappings (data); mappings: the mapping kinds

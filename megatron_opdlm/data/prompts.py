@@ -107,6 +107,7 @@ def _parse_record(
     where: str,
     tokenizer,
     chat_template: bool,
+    template_kwargs: dict[str, Any],
     vocab_size: int,
     eos_token_ids: list[int],
     max_prompt_length: int,
@@ -135,7 +136,9 @@ def _parse_record(
                 f"{where}: '{given[0]}' is text but no tokenizer is configured; set "
                 "data.tokenizer (or give pre-tokenized 'prompt_ids')"
             )
-        prompt_ids = list(tokenizer.encode_prompt(prompt, chat=chat_template))
+        prompt_ids = list(
+            tokenizer.encode_prompt(prompt, chat=chat_template, template_kwargs=template_kwargs)
+        )
         if not prompt_ids:
             raise ValueError(f"{where}: the prompt tokenizes to nothing")
         _check_ids(prompt_ids, "prompt (tokenized)", vocab_size, where)
@@ -180,9 +183,12 @@ def load_prompts(
     eos_token_ids: list[int],
     max_prompt_length: int,
     chat_template: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
     need_response: bool = False,
 ) -> PromptDataset:
-    """Read and tokenize a JSONL prompt file; ValueError naming file and line on bad input."""
+    """Read and tokenize a JSONL prompt file; ValueError naming file and line on bad input.
+
+    `chat_template_kwargs` are variables for the chat template (data.chat_template_kwargs)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompt file {str(path)!r} does not exist")
@@ -194,6 +200,7 @@ def load_prompts(
                 where,
                 tokenizer,
                 chat_template,
+                chat_template_kwargs or {},
                 vocab_size,
                 eos_token_ids,
                 max_prompt_length,

@@ -11,8 +11,72 @@ templates, not for those that call `strftime_now` or rely on HF's `tojson`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+# apply_chat_template's own arguments (what the prompt pipeline sets, or what would change what
+# it returns): not template variables, so refused as chat-template kwargs.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation", "messages", "chat_template", "add_generation_prompt", "tokenize",
+        "continue_final_message", "return_dict", "return_tensors", "return_assistant_tokens_mask",
+        "padding", "truncation", "max_length", "tokenizer_kwargs", "bos_token", "eos_token",
+    }
+)  # fmt: skip
+
+
+def check_template_kwargs(value: Any, where: str) -> dict[str, Any]:
+    """Chat-template kwargs (variables the template reads, e.g. {"enable_thinking": False}) as a
+    dict; ValueError naming `where` for anything that is not a mapping of variable names."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"{where} must be a mapping of template variables (e.g. {{enable_thinking: false}}), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    for key in value:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(
+                f"{where}: key {key!r} is not a template variable name; use names such as "
+                "enable_thinking"
+            )
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(
+                f"{where}: {key!r} is an argument of apply_chat_template that the prompt pipeline "
+                "sets itself, not a template variable; remove it"
+            )
+    return dict(value)
+
+
+def parse_template_kwargs(texts: list[str] | None, where: str) -> dict[str, Any]:
+    """Command-line chat-template kwargs: each text a YAML / JSON mapping ('{enable_thinking:
+    false}') or one KEY=VALUE pair (VALUE in YAML: 'enable_thinking=false'); later ones win."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for text in texts or []:
+        stripped = text.strip()
+        try:
+            if stripped.startswith("{"):
+                value = yaml.safe_load(stripped)
+            elif "=" in stripped:
+                key, raw = stripped.split("=", 1)
+                value = {key.strip(): yaml.safe_load(raw) if raw.strip() else ""}
+            else:
+                value = stripped  # refused below: not a mapping
+        except yaml.YAMLError:
+            raise ValueError(
+                f"{where} {text!r} is not a YAML mapping; write KEY=VALUE or '{{KEY: VALUE}}'"
+            ) from None
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"{where} {text!r} is not a mapping; write KEY=VALUE (enable_thinking=false) or "
+                "'{KEY: VALUE}'"
+            )
+        merged.update(check_template_kwargs(value, f"{where} {text!r}"))
+    return merged
 
 
 def _token_content(value: Any) -> str | None:
@@ -112,10 +176,14 @@ class Tokenizer:
             except ImportError:
                 self._hf_full = None
                 return None
+            loader = AutoTokenizer
+            if "tokenizer_class" not in self.config and self._hf is not None:
+                # Without a tokenizer_class AutoTokenizer reads the model's config.json to pick
+                # one, and an HF export's config names our remote code (it then fails); the
+                # tokenizer.json alone defines a fast tokenizer.
+                from transformers import PreTrainedTokenizerFast as loader
             try:
-                self._hf_full = AutoTokenizer.from_pretrained(
-                    str(self.directory), local_files_only=True
-                )
+                self._hf_full = loader.from_pretrained(str(self.directory), local_files_only=True)
             except Exception as exc:  # noqa: BLE001  (any loading failure is the directory's)
                 raise ValueError(
                     f"{self.directory}: transformers cannot load this tokenizer to apply its "

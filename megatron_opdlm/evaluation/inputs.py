@@ -44,11 +44,20 @@ def read_jsonl(path: str | Path, limit: int | None = None, need_answer: bool = F
     return records
 
 
-def tokenize(records: list[dict], tokenizer, max_prompt_length: int, chat: bool = True):
-    """EvalItems with the chat-templated prompt ids; an error for a prompt over the limit."""
+def tokenize(
+    records: list[dict],
+    tokenizer,
+    max_prompt_length: int,
+    chat: bool = True,
+    template_kwargs: dict | None = None,
+):
+    """EvalItems with the chat-templated prompt ids (`template_kwargs`: the template's
+    variables); an error for a prompt over the limit."""
     items = []
     for record in records:
-        ids = list(tokenizer.encode_prompt(record["prompt"], chat=chat))
+        ids = list(
+            tokenizer.encode_prompt(record["prompt"], chat=chat, template_kwargs=template_kwargs)
+        )
         if not ids or len(ids) > max_prompt_length:
             raise ValueError(
                 f"prompt {record.get('id', '?')} has {len(ids)} tokens; allowed 1.."

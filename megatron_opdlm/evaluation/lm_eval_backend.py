@@ -10,7 +10,10 @@
 directory; any TP/PP via tp=/pp= under torchrun) or an exported HF DLM directory (transformers,
 the export's own remote code). Model args: remasking (static), threshold (0.9), steps_per_block
 (block size), use_cache (true), dtype (fp32), seed, block_size / token_shift (evaluate an AR
-checkpoint as an untrained student), max_gen_toks (256), device (HF only).
+checkpoint as an untrained student), max_gen_toks (256), device (HF only), chat_template_kwargs
+(variables for the chat template, a mapping; on the command line as a separate argument
+`"chat_template_kwargs={'enable_thinking': False}"`, or in a JSON --model_args) and its shortcut
+enable_thinking (true / false, Qwen3), as lm-eval's hf model takes it.
 
 - generate_until: the project's sampler, batched (longest prompts first), greedy unless the
   task asks for do_sample/temperature; the task's `until` strings are checked as each block is
@@ -47,6 +50,25 @@ def _flag(value) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in _TRUE
 
 
+def _template_kwargs(value, enable_thinking) -> dict:
+    """model_args chat_template_kwargs (a mapping, or its text: '{enable_thinking: false}' or
+    'enable_thinking=false') merged with the enable_thinking shortcut, checked."""
+    from megatron_opdlm.data.tokenizer import check_template_kwargs, parse_template_kwargs
+
+    where = "model_args chat_template_kwargs"
+    kwargs = (
+        parse_template_kwargs([value], where) if isinstance(value, str)
+        else check_template_kwargs(value, where)
+    )  # fmt: skip
+    if enable_thinking is not None:
+        if not isinstance(enable_thinking, bool) and str(enable_thinking).lower() not in (
+            "true", "false"
+        ):  # fmt: skip
+            raise ValueError(f"model_args enable_thinking={enable_thinking!r}: use true or false")
+        kwargs["enable_thinking"] = _flag(enable_thinking)
+    return kwargs
+
+
 @register_model("opdlm")
 class OpdlmLM(TemplateLM):
     backend = "causal"
@@ -68,9 +90,12 @@ class OpdlmLM(TemplateLM):
         token_shift=None,
         device: str | None = None,
         max_batch_size=None,
+        chat_template_kwargs=None,
+        enable_thinking=None,
         **unused,
     ):
         super().__init__()
+        self.chat_template_kwargs = _template_kwargs(chat_template_kwargs, enable_thinking)
         unused.pop("trust_remote_code", None)  # the export is loaded with it: it is our code
         if unused:
             raise ValueError(
@@ -147,7 +172,7 @@ class OpdlmLM(TemplateLM):
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
         self._chat = True
         return self.tokenizer.apply_chat_template(
-            chat_history, add_generation_prompt=add_generation_prompt
+            chat_history, add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs
         )
 
     # ---- data parallel (lm-eval's evaluator shards requests by rank / world_size) ----
@@ -178,6 +203,7 @@ class OpdlmLM(TemplateLM):
             "opdlm_engine": self.engine.kind,
             "opdlm_decoding": vars(self.rollout),
             "opdlm_block_size": self.engine.scoring.block_size,
+            "opdlm_chat_template_kwargs": self.chat_template_kwargs,
             "opdlm_stats": self.stats,
         }
 

@@ -42,7 +42,7 @@ class MegatronEngine:
                  as_diffusion: DiffusionConfig | None):  # fmt: skip
         from megatron.core import parallel_state
 
-        from megatron_opdlm.conversion.checkpoint_io import TOKENIZER_DIR, resolve_checkpoint_dir
+        from megatron_opdlm.checkpoint_layout import TOKENIZER_DIR, resolve_checkpoint_dir
         from megatron_opdlm.diffusion.model_runner import ModelRunner
         from megatron_opdlm.evaluation.models import load_eval_model
         from megatron_opdlm.models.vocab import init_mask_token_row
@@ -52,8 +52,15 @@ class MegatronEngine:
         if not parallel_state.model_parallel_is_initialized():
             distributed.initialize(parallel, seed=seed)
             self.owns_state = True
-        else:
+        else:  # a caller's layout (e.g. tests, an outer script): it must be the one asked for
             self.owns_state = False
+            current = (parallel_state.get_tensor_model_parallel_world_size(),
+                       parallel_state.get_pipeline_model_parallel_world_size())  # fmt: skip
+            if current != (tp, pp):
+                raise ValueError(
+                    f"model_args tp={tp} pp={pp}, but this process already runs Megatron with "
+                    f"tp={current[0]} pp={current[1]}; pass tp={current[0]},pp={current[1]}"
+                )
         ckpt = resolve_checkpoint_dir(ckpt)
         self.model = load_eval_model("lm_eval", ckpt, parallel, PrecisionConfig(dtype=dtype),
                                      as_diffusion)  # fmt: skip

@@ -175,6 +175,7 @@ def load_datasets(job: JobConfig, tokenizer) -> tuple[PromptDataset, PromptDatas
         eos_token_ids=job.model.eos_token_ids,
         max_prompt_length=job.data.max_prompt_length,
         chat_template=job.data.chat_template,
+        chat_template_kwargs=job.data.chat_template_kwargs,
     )
     need_response = job.distill.mode not in ROLLOUT_MODES
     train = load_prompts(job.data.train_prompts, tokenizer, need_response=need_response, **kwargs)

@@ -127,6 +127,11 @@ def test_generate_bad_input(work):
         (["--ckpt", ckpt, "--prompt", "hi", "--remasking", "sideways"], "remasking"),
         (["--ckpt", ckpt, "--prompt", "hi", "--max-new-tokens", "x"], "--max-new-tokens"),
         (["--ckpt", ckpt, "--prompt", "hi", "--tp", "2"], "world size"),
+        (
+            ["--ckpt", ckpt, "--prompt", "hi", "--chat", "--chat-template-kwargs", "thinking"],
+            "--chat-template-kwargs 'thinking' is not a mapping",
+        ),
+        (["--ckpt", ckpt, "--prompt", "hi", "--chat-template-kwargs", "a=1"], "without --chat"),
     ]
     run_cases("tools/generate.py:main", cases, ROOT)
 
@@ -196,6 +201,7 @@ def test_train_bad_input(work):
             "multiple of 4 processes",
         ),
         (["--config", config, "--bogus-flag"], "--bogus-flag"),
+        (["--config", config, "data.chat_template_kwargs=true"], "expected a mapping"),
     ]
     run_cases("megatron_opdlm.training.cli:main", cases, work)
 
@@ -210,5 +216,6 @@ def test_evaluate_bad_input(work):
         (["--teacher", ckpt, "--max-new-tokens", "10"], "not a multiple of --block-size=4"),
         (["--teacher", ckpt, "--heldout", str(work / "bad_line.jsonl")], "bad_line.jsonl:2"),
         ([], "nothing to do"),
+        (["--teacher", ckpt, "--chat-template-kwargs", "tokenize=true"], "'tokenize' is an arg"),
     ]
     run_cases("tools/evaluate.py:main", cases, ROOT)

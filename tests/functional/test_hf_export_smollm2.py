@@ -34,12 +34,12 @@ TASKS = ROOT / "megatron_opdlm" / "evaluation" / "lm_eval_tasks"
 
 @pytest.fixture(scope="module")
 def smollm2(request, tmp_path_factory):
-    from megatron_opdlm.config import DiffusionConfig
-    from megatron_opdlm.conversion.checkpoint_io import (
+    from megatron_opdlm.checkpoint_layout import (
         TOKENIZER_DIR,
         read_model_meta,
         write_model_meta,
     )
+    from megatron_opdlm.config import DiffusionConfig
     from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
     from megatron_opdlm.conversion.megatron_to_hf import convert_megatron_to_hf
     from megatron_opdlm.conversion.smollm2 import materialize_smollm2_hf
@@ -116,8 +116,8 @@ def test_generate_matches_tools_generate(smollm2, hf_model, tmp_path, remasking,
 
 
 def test_logits_match_the_megatron_sampler(smollm2, hf_model):
+    from megatron_opdlm.checkpoint_layout import load_model_checkpoint, read_model_meta
     from megatron_opdlm.config import JobConfig, ParallelConfig, PrecisionConfig, RolloutConfig
-    from megatron_opdlm.conversion.checkpoint_io import load_model_checkpoint, read_model_meta
     from megatron_opdlm.diffusion.sampler import generate
     from megatron_opdlm.models.builder import build_student
     from megatron_opdlm.runtime import distributed

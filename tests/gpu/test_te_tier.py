@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, requires_te]
 
 def _pair(job_local, job_te, role, tmp_path):
     """(local chunks, TE chunks) of `role` with the same weights."""
-    from megatron_opdlm.conversion.checkpoint_io import load_model_checkpoint, save_model_checkpoint
+    from megatron_opdlm.checkpoint_layout import load_model_checkpoint, save_model_checkpoint
     from megatron_opdlm.models import builder
 
     build = builder.build_teacher if role == "teacher" else builder.build_student

@@ -50,7 +50,7 @@ def test_read_jsonl_missing_file_and_bad_limit(tmp_path):
 
 
 class _Tokenizer:
-    def encode_prompt(self, prompt, chat=True):
+    def encode_prompt(self, prompt, chat=True, template_kwargs=None):
         return [3] * (len(prompt) + (2 if chat else 0))
 
 

@@ -17,17 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_opdlm.checkpoint_layout import (
+    load_model_checkpoint,
+    read_model_meta,
+    write_model_meta,
+)
 from megatron_opdlm.config import (
     DiffusionConfig,
     JobConfig,
     ParallelConfig,
     PrecisionConfig,
     RolloutConfig,
-)
-from megatron_opdlm.conversion.checkpoint_io import (
-    load_model_checkpoint,
-    read_model_meta,
-    write_model_meta,
 )
 from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
 from megatron_opdlm.conversion.megatron_to_hf import convert_megatron_to_hf

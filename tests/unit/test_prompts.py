@@ -74,7 +74,7 @@ class _CharTokenizer:
     def encode(self, text, add_special_tokens=False):
         return [2 + ord(c) % 90 for c in text]
 
-    def encode_prompt(self, prompt, chat=True):
+    def encode_prompt(self, prompt, chat=True, template_kwargs=None):
         text = prompt if isinstance(prompt, str) else "|".join(m["content"] for m in prompt)
         return self.encode(f"<u>{text}<a>" if chat else text)
 

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
+from megatron_opdlm.checkpoint_layout import write_model_meta
 from megatron_opdlm.config import DiffusionConfig
-from megatron_opdlm.conversion.checkpoint_io import write_model_meta
 from megatron_opdlm.training import setup
 from tests.tiny import tiny_config
 
@@ -67,7 +67,7 @@ def test_mask_token_must_not_be_a_real_token(tmp_path):
 
 def _save_trained_student(directory, job, diffusion: DiffusionConfig, mask_value: float):
     """A "trained" student: random weights whose mask-token row is a recognisable constant."""
-    from megatron_opdlm.conversion.checkpoint_io import save_model_checkpoint
+    from megatron_opdlm.checkpoint_layout import save_model_checkpoint
     from megatron_opdlm.models.builder import build_student
 
     torch.manual_seed(3)

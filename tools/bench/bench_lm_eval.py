@@ -27,8 +27,8 @@ TASKS = ROOT / "megatron_opdlm" / "evaluation" / "lm_eval_tasks"
 
 
 def default_student(work: Path) -> Path:
+    from megatron_opdlm.checkpoint_layout import read_model_meta, write_model_meta
     from megatron_opdlm.config import DiffusionConfig
-    from megatron_opdlm.conversion.checkpoint_io import read_model_meta, write_model_meta
     from megatron_opdlm.conversion.hf_to_megatron import convert_hf_to_megatron
     from megatron_opdlm.conversion.smollm2 import materialize_smollm2_hf
 
