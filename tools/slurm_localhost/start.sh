@@ -139,7 +139,7 @@ if [ "$ACCT" = 1 ]; then
   ACCOUNTING="on (slurmdbd :$DBD_PORT, MariaDB :$DB_PORT): apt $(secs "$T_ACCT0" "$T_ACCT1")s,"
   ACCOUNTING+=" MariaDB + slurmdbd $(secs "$T_ACCT1" "$T_ACCT2")s"
 else
-  ACCOUNTING=off
+  ACCOUNTING="OFF${ACCT_WHY:+ (WARNING above: $ACCT_WHY)}"
 fi
 echo "slurm up in $(secs "$T0" "$NOW")s, slurm apt $(secs "$T0" "$T_APT")s (auth=$AUTH cpus=$CPUS" \
      "mem=${MEM}M accounting $ACCOUNTING); source $BASE/env.sh"
