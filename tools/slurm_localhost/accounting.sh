@@ -23,9 +23,9 @@ acct_install() {  # the packages, if missing; apt-get update already ran when $1
 # $1 = what, $2 = seconds, rest = a command that succeeds when ready; each try is bounded by
 # `timeout` in the caller (a client may block for seconds, e.g. on an unusable munge socket).
 acct_wait() {
-  local what=$1 deadline=$((SECONDS + $2)); shift 2
+  local what=$1 seconds=$2 deadline=$((SECONDS + $2)); shift 2
   while [ "$SECONDS" -lt "$deadline" ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.25; done
-  acct_fail "$what (waited $2 s)"
+  acct_fail "$what (waited $seconds s)"
 }
 
 acct_start_db() {  # a fresh data directory every start: the job ids restart at 1 with the state
