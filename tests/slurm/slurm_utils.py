@@ -1,8 +1,9 @@
-"""Submitting the recipes of examples/slurm and watching their jobs (scontrol, the job logs)."""
+"""Submitting the recipes of examples/slurm and watching their jobs (scontrol, sacct, the logs)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,28 @@ def slurm_missing() -> str | None:
     if ping.returncode != 0 or "UP" not in ping.stdout:
         return f"slurmctld does not answer: {ping.stdout.strip()} {ping.stderr.strip()}"
     return None
+
+
+def accounting_missing() -> str | None:
+    """Why `sacct` has no records here (SLURM runs without slurmdbd), or None."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    storage = re.search(r"^AccountingStorageType\s*=\s*(\S+)", out.stdout, re.MULTILINE)
+    if storage is None or storage.group(1) != "accounting_storage/slurmdbd":
+        found = storage.group(1) if storage else f"unknown: {out.stderr.strip()}"
+        return (
+            f"SLURM runs without job accounting (AccountingStorageType {found}): no sacct "
+            "records (tools/slurm_localhost/start.sh printed a WARNING saying why)"
+        )
+    return None
+
+
+def sacct_runs(job: str) -> list[dict[str, str]]:
+    """One record per run of the job, oldest first (-D keeps the runs a requeue ended; -X: the
+    allocation only, no steps)."""
+    fields = ["JobID", "State", "ExitCode", "Submit", "Start", "End"]
+    command = ["sacct", "-j", job, "-D", "-X", "-n", "-P", f"--format={','.join(fields)}"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return [dict(zip(fields, line.split("|"))) for line in out.stdout.splitlines() if line]
 
 
 def job_env(work: Path, **extra: str) -> dict:

@@ -3,13 +3,14 @@
 Every job is submitted at the start (one module fixture) so that their start-ups overlap; each
 test then follows its own jobs. 2-task CPU training (gloo) of a tiny converted model.
 - requeue: `scontrol requeue` mid-run; the job resumes from its checkpoint and ends with the
-  same student and optimizer tensors, bit for bit, as an uninterrupted job (restart count 1;
-  `sacct` needs slurmdbd, which the localhost cluster does not run: scontrol shows Restarts).
+  same student and optimizer tensors, bit for bit, as an uninterrupted job (restart count 1 in
+  `scontrol show job`); `sacct -D` keeps both runs: REQUEUED, then COMPLETED (the localhost
+  cluster's slurmdbd; skipped, with the reason, when start.sh could not start accounting).
 - time limit: `--signal=TERM@120` with `--time=3:00` (SLURM may signal up to a minute early;
   the lead leaves a start-up on a loaded 2-core machine time to reach its first stop point): the
   ranks save before the limit, exit 3, the recipe requeues itself; the test then raises the
   rerun's limit (a busy machine may need more than one slot to start and finish) and the rerun
-  finishes the run.
+  finishes the run; `sacct -D` shows its REQUEUED and COMPLETED runs as well.
 - mid-rollout stop: TERM during a long rollout; time from signal to the ranks' exit is below
   one rollout's length (both printed); a STOP file then ends the requeued chain with exit 0.
 - SIGKILL during a save (sent to the ranks: `scancel --signal=KILL` sends TERM first): `latest`
@@ -33,8 +34,10 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.slurm_utils import (
+    accounting_missing,
     job_env,
     log_text,
+    sacct_runs,
     slurm_missing,
     submit,
     wait_final,
@@ -246,6 +249,27 @@ def test_time_limit_signal_saves_and_the_requeued_job_finishes(jobs):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
     assert info["Restarts"] == "1", info
     assert [r["step"] for r in _records(jobs.run("timelimit"))] == list(range(1, 301))
+
+
+# After the tests of both jobs: this one only waits for them to end.
+@pytest.mark.parametrize("name", ["requeue", "timelimit"])  # `scontrol requeue`: test, recipe
+def test_sacct_records_each_requeued_run(jobs, name):
+    if (reason := accounting_missing()) is not None:
+        pytest.skip(reason)
+    job = jobs.ids[name]
+    info = jobs.final(name)
+    assert info["JobState"] == "COMPLETED", info
+
+    def both_runs():  # slurmctld sends the final record to slurmdbd shortly after the job ends
+        runs = sacct_runs(job)
+        return runs if runs and runs[-1]["State"] == "COMPLETED" else None
+
+    runs = wait_for(both_runs, 60, f"sacct's COMPLETED record of job {job}")
+    print(f"sacct -j {job} -D -X: " + "; ".join(" ".join(r.values()) for r in runs))
+    assert [r["State"] for r in runs] == ["REQUEUED", "COMPLETED"], runs
+    assert runs[-1]["ExitCode"] == "0:0", runs
+    # The second run started after the first ended (the requeue), not alongside it.
+    assert runs[0]["End"] <= runs[1]["Start"], runs  # ISO 8601 strings: ordered as times
 
 
 def test_stop_mid_rollout_is_fast_and_a_stop_file_ends_the_chain(jobs):
