@@ -31,7 +31,7 @@ import types
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.transformer.attention import SelfAttention
 
 
@@ -53,7 +53,8 @@ class SlotCache(StaticInferenceContext):
         self._index = None
 
     def index(self, n: int, table: torch.Tensor | None):
-        """(write index (columns [n, b], slots [n, b]), slot range or None, end, query freqs)."""
+        """(write index (columns [n, b], slots [n, b]), slot range or None, end, (cos, sin) of
+        the rows' RoPE angles [n, b, 1, d] or None): computed once per forward, for all layers."""
         if self._index is None or self._index[0] != n:
             b = self.slots.numel()
             columns = self.starts[None, :] + torch.arange(n, device=self.device)[:, None]  # [n, b]
@@ -65,9 +66,12 @@ class SlotCache(StaticInferenceContext):
             first = int(self.slots[0])
             span = torch.arange(first, first + b, device=self.device)
             contiguous = (first, first + b) if torch.equal(self.slots, span) else None
-            freqs = None if table is None else table[:, 0][columns]  # [n, b, 1, d] per row
+            rotation = None
+            if table is not None:  # megatron's cos/sin of each row's angles, once, not per layer
+                freqs = table[:, 0][columns]  # [n, b, 1, d] per row
+                rotation = (torch.cos(freqs), torch.sin(freqs))
             write = (columns, self.slots[None, :].expand(n, b))
-            self._index = (n, write, contiguous, end, freqs)
+            self._index = (n, write, contiguous, end, rotation)
         return self._index[1:]
 
     def memory_bytes(self) -> int:
@@ -78,6 +82,18 @@ class SlotCache(StaticInferenceContext):
     def free(self) -> None:
         self.key_value_memory_dict.clear()
         self.reset()
+
+
+def _rotate(t: torch.Tensor, rotation, interleaved: bool) -> torch.Tensor:
+    """megatron's `_apply_rotary_pos_emb_bshd(t, freqs)` (mscale 1) from precomputed (cos, sin)
+    [n, b, 1, d]: the same operations on the same values, so the same bits. t [n, b, heads, dh]."""
+    cos, sin = rotation
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
+    rot_dim = cos.shape[-1]
+    if rot_dim == t.shape[-1]:
+        return t * cos + _rotate_half(t, interleaved) * sin
+    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]  # partial rotary: the rest passes through
+    return torch.cat((t * cos + _rotate_half(t, interleaved) * sin, t_pass), dim=-1)
 
 
 def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
@@ -99,11 +115,11 @@ def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb
         cache.key_value_memory_dict[self.layer_number] = memory
     key_memory, value_memory = cache.key_value_memory_dict[self.layer_number]
     table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-    write, contiguous, end, freqs = cache.index(n, table)
-    if table is not None:  # rows at their own positions: rotate here, keys before caching
+    write, contiguous, end, rotation = cache.index(n, table)
+    if rotation is not None:  # rows at their own positions: rotate here, keys before caching
         interleaved = self.config.rotary_interleaved
-        query = _apply_rotary_pos_emb_bshd(query, freqs, interleaved)
-        key = _apply_rotary_pos_emb_bshd(key, freqs, interleaved)
+        query = _rotate(query, rotation, interleaved)
+        key = _rotate(key, rotation, interleaved)
     key_memory.index_put_(write, key)
     value_memory.index_put_(write, value)
     if contiguous is not None:  # a view, as megatron's own read
