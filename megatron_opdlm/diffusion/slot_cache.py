@@ -33,6 +33,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
 class SlotCache(StaticInferenceContext):
@@ -131,14 +132,64 @@ def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb
     return query, keys, values, None, self.attn_mask_type, None
 
 
+def _sdpa_applies(core, query, attention_mask, attention_bias, packed_seq_params) -> bool:
+    """True when torch's fused attention computes what megatron's local core would: fp32, no
+    dropout, plain softmax and scale, a bool mask, no bias / packing / window."""
+    config = core.config
+    return (
+        query.dtype == torch.float32
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dtype == torch.bool
+        and attention_bias is None
+        and packed_seq_params is None
+        and not (core.training and core.attention_dropout.p > 0)
+        and config.softmax_type == "vanilla"
+        and not config.apply_query_key_layer_scaling
+        and config.window_size is None
+    )
+
+
+def _core_attention_for_slots(
+    self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+    packed_seq_params=None,
+):  # fmt: skip
+    """DotProductAttention.forward as one fused op (torch SDPA) where `_sdpa_applies`, else
+    megatron's. query [sq, b, heads, d], key/value [sk, b, groups, d], mask [b|1, 1, sq, sk]
+    True = masked out -> [sq, b, heads * d]. megatron's baddbmm + masked softmax (-10000 fill)
+    + bmm in ~12 ops (a GQA repeat of the whole prefix per layer); the same result up to fp32
+    rounding, as every query row of the engine's masks sees at least one key (itself)."""
+    if not _sdpa_applies(self, query, attention_mask, attention_bias, packed_seq_params):
+        return type(self).forward(
+            self, query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+            attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+        )  # fmt: skip
+    sq, b = query.shape[:2]
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query.permute(1, 2, 0, 3),  # [b, heads, sq, d]
+        key.permute(1, 2, 0, 3),  # [b, groups, sk, d]
+        value.permute(1, 2, 0, 3),
+        attn_mask=~attention_mask,  # True = takes part
+        scale=self.softmax_scale,
+        enable_gqa=query.shape[2] != key.shape[2],
+    )  # [b, heads, sq, d]
+    return context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, heads * d]
+
+
 @contextlib.contextmanager
 def slot_attention(model_chunks: list[torch.nn.Module]):
-    """Let every SelfAttention of the chunks serve a SlotCache for the duration (restored after)."""
+    """Let every SelfAttention of the chunks serve a SlotCache for the duration (restored after),
+    and megatron's local core attention run as one fused op (`_core_attention_for_slots`)."""
     modules = [m for c in model_chunks for m in c.modules() if isinstance(m, SelfAttention)]
+    cores = [m.core_attention for m in modules if type(m.core_attention) is DotProductAttention]
+    cores = [core for core in cores if "forward" not in vars(core)]
     for module in modules:
         module._adjust_key_value_for_inference = types.MethodType(_adjust_for_slots, module)
+    for core in cores:
+        core.forward = types.MethodType(_core_attention_for_slots, core)
     try:
         yield
     finally:
         for module in modules:
             del module._adjust_key_value_for_inference
+        for core in cores:
+            del core.forward

@@ -330,13 +330,19 @@ def onednn_linear_available() -> bool:
     return out.shape == (5, 3) and bool((out == 2).all())
 
 
+def _onednn_linear(flat, weight):
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(flat, weight, None, "none", [], "")
+
+
 def _few_row_linear(flat, weight):
     """flat [m, in] @ weight [out, in]^T -> [m, out] for m <= SMALL_ROWS (see the constants)."""
     import torch
 
     rows = flat.shape[0]
     if rows > WEIGHT_FIRST_ROWS and onednn_linear_available():
-        return torch.ops.mkldnn._linear_pointwise(flat, weight, None, "none", [], "")
+        return _onednn_linear(flat, weight)
     return torch.mm(weight, flat.t()).t().contiguous()  # [out, m] -> [m, out]
 
 
