@@ -304,10 +304,10 @@ def apply(skip: tuple[str, ...] | None = None) -> frozenset[str]:
 # 8-query fused-commit round on this path, whose vocabulary head projects only 3-4 rows.
 SMALL_ROWS = 8
 # Rows at or below which W @ x^T is used; above (up to SMALL_ROWS) oneDNN's linear, whose cost
-# stays flat with the row count where MKL's grows (same benchmark, `--onednn`, 1 thread, AMD EPYC,
-# under load, best of 8-20 alternating runs): 5 rows W @ x^T 151 ms vs oneDNN 119, 6 rows 190 vs
-# 106, 8 rows 161 vs 105, 16 rows 208 vs 108; at 1-4 rows the two are within noise. The engine's
-# fused-commit round (8 rows) was 1.8x a 4-row round with W @ x^T (profile in
+# stays flat with the row count where MKL's grows (the 121 projections as above, 1 thread, AMD
+# EPYC, under load, best of 8-20 alternating runs): 5 rows W @ x^T 151 ms vs oneDNN 119, 6 rows
+# 190 vs 106, 8 rows 161 vs 105, 16 rows 208 vs 108; at 1-4 rows the two are within noise. The
+# engine's fused-commit round (8 rows) cost 1.8x a 4-row round with W @ x^T (profile in
 # docs/bench_rollout/README.md).
 WEIGHT_FIRST_ROWS = 4
 
