@@ -300,16 +300,19 @@ def apply(skip: tuple[str, ...] | None = None) -> frozenset[str]:
 # weight for x @ W^T; with a handful of rows that packing dominates. tools/bench/
 # bench_small_row_linear.py (all 121 projections of one SmolLM2-135M forward, 1 thread, 2-core dev
 # machine, quiet): x @ W^T vs W @ x^T = 3 rows 95.6 vs 45.7 ms, 4 rows 62.0 vs 45.4 (1 row: 44 ms),
-# 5 rows 72.1 vs 58.1, 6-8 rows even (0.94-0.99x), 9 rows 82.8 vs 104.6. 8 keeps the sampler's
-# 8-query fused-commit round on this path, whose vocabulary head projects only 3-4 rows.
-SMALL_ROWS = 8
+# 5 rows 72.1 vs 58.1, 6-8 rows even (0.94-0.99x), 9 rows 82.8 vs 104.6. Past 4 rows oneDNN's
+# linear takes over (below): under load, best of 8-20 alternating runs, x @ W^T vs oneDNN = 16
+# rows 189 vs 108 ms, 32 rows 421 vs 213, 67 rows 738 vs 373; 64 keeps the engine's rounds of up
+# to 16 slots (4 queries each) on the fast path. Prefills of longer prompts keep megatron's.
+SMALL_ROWS = 64
 # Rows at or below which W @ x^T is used; above (up to SMALL_ROWS) oneDNN's linear, whose cost
-# stays flat with the row count where MKL's grows (the 121 projections as above, 1 thread, AMD
-# EPYC, under load, best of 8-20 alternating runs): 5 rows W @ x^T 151 ms vs oneDNN 119, 6 rows
-# 190 vs 106, 8 rows 161 vs 105, 16 rows 208 vs 108; at 1-4 rows the two are within noise. The
+# stays flat with the row count where MKL's grows (same 121 projections, 1 thread, AMD EPYC,
+# under load, best of 8-20 alternating runs): 5 rows W @ x^T 151 ms vs oneDNN 119, 6 rows 190
+# vs 106, 8 rows 161 vs 105, 16 rows 208 vs 108; at 1-4 rows the two are within noise. The
 # engine's fused-commit round (8 rows) cost 1.8x a 4-row round with W @ x^T (profile in
-# docs/bench_rollout/README.md).
+# docs/bench_rollout/README.md). Without oneDNN: W @ x^T up to 8 rows, megatron's x @ W^T above.
 WEIGHT_FIRST_ROWS = 4
+NO_ONEDNN_ROWS = 8
 
 
 @functools.cache
@@ -343,6 +346,8 @@ def _few_row_linear(flat, weight):
     rows = flat.shape[0]
     if rows > WEIGHT_FIRST_ROWS and onednn_linear_available():
         return _onednn_linear(flat, weight)
+    if rows > NO_ONEDNN_ROWS:  # megatron's own product (x @ W^T), as if not replaced
+        return torch.matmul(flat, weight.t())
     return torch.mm(weight, flat.t()).t().contiguous()  # [out, m] -> [m, out]
 
 

@@ -2,7 +2,8 @@
 its stated tolerance, and falls back otherwise.
 
 - `cpu_compat.small_row_linears`: W @ x^T up to WEIGHT_FIRST_ROWS rows, oneDNN's linear above
-  (up to SMALL_ROWS) when torch has it, megatron's own x @ W^T past SMALL_ROWS or under autograd.
+  (up to SMALL_ROWS) when torch has it (else W @ x^T up to NO_ONEDNN_ROWS, x @ W^T above),
+  megatron's own path past SMALL_ROWS or under autograd.
 - `slot_cache._rotate`: RoPE from cos/sin computed once per forward, bit-equal to megatron's
   per-layer `_apply_rotary_pos_emb_bshd`.
 """
@@ -47,7 +48,7 @@ def _spy_onednn(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_compat.onednn_linear_available(), reason="torch without oneDNN")
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 64, 65])
 def test_few_row_linear_kernel_by_row_count(rows, monkeypatch):
     torch.manual_seed(0)
     linear = _FakeLinear()
@@ -71,9 +72,11 @@ def test_few_row_linear_falls_back_without_onednn_or_under_autograd(monkeypatch)
     linear = _FakeLinear()
     onednn_calls = _spy_onednn(monkeypatch)
     monkeypatch.setattr(cpu_compat, "onednn_linear_available", lambda: False)
-    weight, x = torch.randn(32, 16), torch.randn(cpu_compat.SMALL_ROWS, 16)
+    weight, x = torch.randn(32, 16), torch.randn(cpu_compat.NO_ONEDNN_ROWS, 16)
     with torch.no_grad():
         out = _fast_impl(linear)(x, weight)
+        more = torch.randn(cpu_compat.NO_ONEDNN_ROWS + 1, 16)
+        assert torch.equal(_fast_impl(linear)(more, weight), more @ weight.t()), "megatron's"
     torch.testing.assert_close(out, x @ weight.t(), rtol=0, atol=1e-5)
     assert onednn_calls == [] and linear.fallbacks == 0, "without oneDNN: W @ x^T for 8 rows"
     with torch.enable_grad():
