@@ -17,7 +17,9 @@ by 0.1 because RoPE then places the block too far away). Two small pieces, no fo
   own behaviour for any other context): per-row query RoPE from the same frequency table, keys
   rotated before caching (so a read never re-rotates the prefix; measured 0.9x of a round), and
   the layer's own attention mask type kept, so the explicit mask is applied on every path
-  (megatron forces no_mask once its offset is > 0).
+  (megatron forces no_mask once its offset is > 0). The rows' RoPE cos/sin are computed once per
+  forward (not per layer) and megatron's local core attention runs as one fused SDPA op while
+  the context is held (`_core_attention_for_slots`; megatron's own core where it would differ).
 
 The caller's mask must hide every key column at or past a row's own end. TP: each rank writes its
 own kv groups (nothing TP-specific). Transformer Engine's fused RoPE is not used here (it takes
