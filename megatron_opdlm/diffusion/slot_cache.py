@@ -17,7 +17,9 @@ by 0.1 because RoPE then places the block too far away). Two small pieces, no fo
   own behaviour for any other context): per-row query RoPE from the same frequency table, keys
   rotated before caching (so a read never re-rotates the prefix; measured 0.9x of a round), and
   the layer's own attention mask type kept, so the explicit mask is applied on every path
-  (megatron forces no_mask once its offset is > 0).
+  (megatron forces no_mask once its offset is > 0). The rows' RoPE cos/sin are computed once per
+  forward (not per layer) and megatron's local core attention runs as one fused SDPA op while
+  the context is held (`_core_attention_for_slots`; megatron's own core where it would differ).
 
 The caller's mask must hide every key column at or past a row's own end. TP: each rank writes its
 own kv groups (nothing TP-specific). Transformer Engine's fused RoPE is not used here (it takes
@@ -31,8 +33,9 @@ import types
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
 class SlotCache(StaticInferenceContext):
@@ -53,7 +56,8 @@ class SlotCache(StaticInferenceContext):
         self._index = None
 
     def index(self, n: int, table: torch.Tensor | None):
-        """(write index (columns [n, b], slots [n, b]), slot range or None, end, query freqs)."""
+        """(write index (columns [n, b], slots [n, b]), slot range or None, end, (cos, sin) of
+        the rows' RoPE angles [n, b, 1, d] or None): computed once per forward, for all layers."""
         if self._index is None or self._index[0] != n:
             b = self.slots.numel()
             columns = self.starts[None, :] + torch.arange(n, device=self.device)[:, None]  # [n, b]
@@ -65,9 +69,12 @@ class SlotCache(StaticInferenceContext):
             first = int(self.slots[0])
             span = torch.arange(first, first + b, device=self.device)
             contiguous = (first, first + b) if torch.equal(self.slots, span) else None
-            freqs = None if table is None else table[:, 0][columns]  # [n, b, 1, d] per row
+            rotation = None
+            if table is not None:  # megatron's cos/sin of each row's angles, once, not per layer
+                freqs = table[:, 0][columns]  # [n, b, 1, d] per row
+                rotation = (torch.cos(freqs), torch.sin(freqs))
             write = (columns, self.slots[None, :].expand(n, b))
-            self._index = (n, write, contiguous, end, freqs)
+            self._index = (n, write, contiguous, end, rotation)
         return self._index[1:]
 
     def memory_bytes(self) -> int:
@@ -78,6 +85,18 @@ class SlotCache(StaticInferenceContext):
     def free(self) -> None:
         self.key_value_memory_dict.clear()
         self.reset()
+
+
+def _rotate(t: torch.Tensor, rotation, interleaved: bool) -> torch.Tensor:
+    """megatron's `_apply_rotary_pos_emb_bshd(t, freqs)` (mscale 1) from precomputed (cos, sin)
+    [n, b, 1, d]: the same operations on the same values, so the same bits. t [n, b, heads, dh]."""
+    cos, sin = rotation
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
+    rot_dim = cos.shape[-1]
+    if rot_dim == t.shape[-1]:
+        return t * cos + _rotate_half(t, interleaved) * sin
+    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]  # partial rotary: the rest passes through
+    return torch.cat((t * cos + _rotate_half(t, interleaved) * sin, t_pass), dim=-1)
 
 
 def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
@@ -99,11 +118,11 @@ def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb
         cache.key_value_memory_dict[self.layer_number] = memory
     key_memory, value_memory = cache.key_value_memory_dict[self.layer_number]
     table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-    write, contiguous, end, freqs = cache.index(n, table)
-    if table is not None:  # rows at their own positions: rotate here, keys before caching
+    write, contiguous, end, rotation = cache.index(n, table)
+    if rotation is not None:  # rows at their own positions: rotate here, keys before caching
         interleaved = self.config.rotary_interleaved
-        query = _apply_rotary_pos_emb_bshd(query, freqs, interleaved)
-        key = _apply_rotary_pos_emb_bshd(key, freqs, interleaved)
+        query = _rotate(query, rotation, interleaved)
+        key = _rotate(key, rotation, interleaved)
     key_memory.index_put_(write, key)
     value_memory.index_put_(write, value)
     if contiguous is not None:  # a view, as megatron's own read
@@ -115,14 +134,64 @@ def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb
     return query, keys, values, None, self.attn_mask_type, None
 
 
+def _sdpa_applies(core, query, attention_mask, attention_bias, packed_seq_params) -> bool:
+    """True when torch's fused attention computes what megatron's local core would: fp32, no
+    dropout, plain softmax and scale, a bool mask, no bias / packing / window."""
+    config = core.config
+    return (
+        query.dtype == torch.float32
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dtype == torch.bool
+        and attention_bias is None
+        and packed_seq_params is None
+        and not (core.training and core.attention_dropout.p > 0)
+        and config.softmax_type == "vanilla"
+        and not config.apply_query_key_layer_scaling
+        and config.window_size is None
+    )
+
+
+def _core_attention_for_slots(
+    self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+    packed_seq_params=None,
+):  # fmt: skip
+    """DotProductAttention.forward as one fused op (torch SDPA) where `_sdpa_applies`, else
+    megatron's. query [sq, b, heads, d], key/value [sk, b, groups, d], mask [b|1, 1, sq, sk]
+    True = masked out -> [sq, b, heads * d]. megatron's baddbmm + masked softmax (-10000 fill)
+    + bmm in ~12 ops (a GQA repeat of the whole prefix per layer); the same result up to fp32
+    rounding, as every query row of the engine's masks sees at least one key (itself)."""
+    if not _sdpa_applies(self, query, attention_mask, attention_bias, packed_seq_params):
+        return type(self).forward(
+            self, query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+            attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+        )  # fmt: skip
+    sq, b = query.shape[:2]
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query.permute(1, 2, 0, 3),  # [b, heads, sq, d]
+        key.permute(1, 2, 0, 3),  # [b, groups, sk, d]
+        value.permute(1, 2, 0, 3),
+        attn_mask=~attention_mask,  # True = takes part
+        scale=self.softmax_scale,
+        enable_gqa=query.shape[2] != key.shape[2],
+    )  # [b, heads, sq, d]
+    return context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, heads * d]
+
+
 @contextlib.contextmanager
 def slot_attention(model_chunks: list[torch.nn.Module]):
-    """Let every SelfAttention of the chunks serve a SlotCache for the duration (restored after)."""
+    """Let every SelfAttention of the chunks serve a SlotCache for the duration (restored after),
+    and megatron's local core attention run as one fused op (`_core_attention_for_slots`)."""
     modules = [m for c in model_chunks for m in c.modules() if isinstance(m, SelfAttention)]
+    cores = [m.core_attention for m in modules if type(m.core_attention) is DotProductAttention]
+    cores = [core for core in cores if "forward" not in vars(core)]
     for module in modules:
         module._adjust_key_value_for_inference = types.MethodType(_adjust_for_slots, module)
+    for core in cores:
+        core.forward = types.MethodType(_core_attention_for_slots, core)
     try:
         yield
     finally:
         for module in modules:
             del module._adjust_key_value_for_inference
+        for core in cores:
+            del core.forward

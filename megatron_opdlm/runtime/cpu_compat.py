@@ -29,7 +29,8 @@ Config values (not patches; `transformer_config_overrides()`, used by models.bui
 
 Speed (not a fix; a context manager the sampler enters, a no-op with CUDA):
   small_row_linears  the sampler's forwards carry a block of a few tokens; on CPU megatron's
-                  x @ W^T costs up to 2.4x a one-token forward there, W @ x^T about 1x.
+                  x @ W^T costs up to 2.4x a one-token forward there, W @ x^T about 1x up to 4
+                  rows, oneDNN's linear about 1x up to 8 (16) rows.
 """
 
 from __future__ import annotations
@@ -295,17 +296,63 @@ def apply(skip: tuple[str, ...] | None = None) -> frozenset[str]:
     return applied()
 
 
-# Rows at or below which `small_row_linears` computes weight @ x^T. MKL's sgemm packs the weight
-# for x @ W^T; with a handful of rows that packing dominates. tools/bench/bench_small_row_linear.py
-# (all 121 projections of one SmolLM2-135M forward, 1 thread, 2-core dev machine, quiet):
-# x @ W^T vs W @ x^T = 3 rows 95.6 vs 45.7 ms, 4 rows 62.0 vs 45.4 (1 row: 44 ms), 5 rows 72.1
-# vs 58.1, 6-8 rows even (0.94-0.99x), 9 rows 82.8 vs 104.6. 8 keeps the sampler's 8-query
-# fused-commit round on this path, whose vocabulary head projects only 3-4 rows.
-SMALL_ROWS = 8
+# Rows at or below which `small_row_linears` replaces megatron's x @ W^T. MKL's sgemm packs the
+# weight for x @ W^T; with a handful of rows that packing dominates. tools/bench/
+# bench_small_row_linear.py (all 121 projections of one SmolLM2-135M forward, 1 thread, 2-core dev
+# machine, quiet): x @ W^T vs W @ x^T = 3 rows 95.6 vs 45.7 ms, 4 rows 62.0 vs 45.4 (1 row: 44 ms),
+# 5 rows 72.1 vs 58.1, 6-8 rows even (0.94-0.99x), 9 rows 82.8 vs 104.6. Past 4 rows oneDNN's
+# linear takes over (below): under load, best of 8-20 alternating runs, x @ W^T vs oneDNN = 16
+# rows 189 vs 108 ms, 32 rows 421 vs 213, 67 rows 738 vs 373; 64 keeps the engine's rounds of up
+# to 16 slots (4 queries each) on the fast path. Prefills of longer prompts keep megatron's.
+SMALL_ROWS = 64
+# Rows at or below which W @ x^T is used; above (up to SMALL_ROWS) oneDNN's linear, whose cost
+# stays flat with the row count where MKL's grows (same 121 projections, 1 thread, AMD EPYC,
+# under load, best of 8-20 alternating runs): 5 rows W @ x^T 151 ms vs oneDNN 119, 6 rows 190
+# vs 106, 8 rows 161 vs 105, 16 rows 208 vs 108; at 1-4 rows the two are within noise. The
+# engine's fused-commit round (8 rows) cost 1.8x a 4-row round with W @ x^T (profile in
+# docs/bench_rollout/README.md). Without oneDNN: W @ x^T up to 8 rows, megatron's x @ W^T above.
+WEIGHT_FIRST_ROWS = 4
+NO_ONEDNN_ROWS = 8
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """True when torch's oneDNN fp32 linear runs here and is IEEE fp32 (no implicit bf16/tf32)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if getattr(matmul, "fp32_precision", "none") not in ("none", "ieee"):
+        return False
+    try:
+        weight, x = torch.ones(3, 2), torch.ones(5, 2)
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return out.shape == (5, 3) and bool((out == 2).all())
+
+
+def _onednn_linear(flat, weight):
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(flat, weight, None, "none", [], "")
+
+
+def _few_row_linear(flat, weight):
+    """flat [m, in] @ weight [out, in]^T -> [m, out] for m <= SMALL_ROWS (see the constants)."""
+    import torch
+
+    rows = flat.shape[0]
+    if rows > WEIGHT_FIRST_ROWS and onednn_linear_available():
+        return _onednn_linear(flat, weight)
+    if rows > NO_ONEDNN_ROWS:  # megatron's own product (x @ W^T), as if not replaced
+        return torch.matmul(flat, weight.t())
+    return torch.mm(weight, flat.t()).t().contiguous()  # [out, m] -> [m, out]
 
 
 def _small_row_forward_impl(module):
-    """`_forward_impl` for one megatron linear: W @ x^T for few rows without autograd on CPU."""
+    """`_forward_impl` for one megatron linear: few rows without autograd on CPU."""
     import torch
 
     fallback = type(module)._forward_impl.__get__(module)
@@ -317,14 +364,14 @@ def _small_row_forward_impl(module):
             or sequence_parallel
             or kwargs.get("gtp_remat_size", 1) > 1
             or input.device.type != "cpu"
+            or input.dtype != torch.float32
             or rows > SMALL_ROWS
         ):
             return fallback(
                 input=input, weight=weight, bias=bias, sequence_parallel=sequence_parallel,
                 **kwargs,
             )  # fmt: skip
-        flat = input.reshape(rows, input.shape[-1])  # [m, in]
-        output = torch.mm(weight, flat.t()).t().contiguous()  # [out, m] -> [m, out]
+        output = _few_row_linear(input.reshape(rows, input.shape[-1]), weight)  # [m, out]
         if bias is not None:
             output = output + bias
         return output.view(*input.shape[:-1], weight.shape[0])  # [..., out]
@@ -336,7 +383,8 @@ def _small_row_forward_impl(module):
 def small_row_linears(model_chunks):
     """CPU speed-up for the sampler's few-token forwards (a block of B tokens, a few projected
     rows): megatron's Column/RowParallelLinear compute x @ W^T, which on CPU costs 1.5-2.4x a
-    one-row forward at 3-5 rows (see SMALL_ROWS); W @ x^T costs about the same as one row.
+    one-row forward at 3-8 rows (see SMALL_ROWS); W @ x^T costs about the same as one row up to
+    4 rows, oneDNN's linear (when torch has it, IEEE fp32) up to 8.
     Same math, summed in another order (fp32 results differ in the last bits). Does nothing when
     CUDA is in use or under autograd; the previous `_forward_impl` is restored on exit."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear

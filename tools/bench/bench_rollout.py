@@ -14,8 +14,10 @@ training prompts (chat template). Rows:
   lock-step b=k the sampler on consecutive groups of k prompts: the same KV memory as S=k
   tokens/s, KV-cache memory (the K/V tensors: lock-step [P + R] x N columns, the engine
   [longest prompt + R] x S), tokens/forward (decoded tokens per model forward of the run).
-Round cost at batch 1 (greedy, EOS ignored): ms per round of the engine (block 4, 4 queries), our
-AR step (block 1 + token shift = cached AR decoding), transformers' generate step.
+Round cost at batch 1 (greedy, EOS ignored): CPU ms per forward of the engine's rounds (block 4,
+4 queries, 8 in a block's first round: the fused commit), our AR step (block 1 + token shift =
+cached AR decoding), transformers' generate step; prefill cancelled (two lengths), interleaved
+--round-repeats times, medians.
 PP ceiling: t(b/2) / t(b), the cost of a decode round on half the rows: the best a 2-micro-batch
 pipeline (PP=2) can reach relative to whole-batch rounds (see shared notes, rollout-engine probe).
 PP=2 on gloo (2 processes, tools/bench/rollout_pp2.py): the engine's whole-batch rounds vs its
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--slots", default="8,16,32", help="engine slot counts (continuous batching)")
     p.add_argument("--new-tokens", type=int, default=48, help="length cap (the demo's 48)")
     p.add_argument("--round-tokens", type=int, default=32, help="tokens of the batch-1 rows")
+    p.add_argument("--round-repeats", type=int, default=5, help="interleaved batch-1 repeats")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench/bench_rollout.json")
@@ -70,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--pp-only", action="store_true", help="run only the PP=2 rows")
     p.add_argument("--no-pp", action="store_true", help="skip the PP=2 rows")
     args = p.parse_args(argv)
+    if args.round_tokens < 16 or args.round_tokens % 4 or args.round_repeats < 1:
+        p.error(f"--round-tokens={args.round_tokens} must be a multiple of 4, >= 16, and "
+                f"--round-repeats={args.round_repeats} >= 1")  # fmt: skip
     if args.prompts < 1 or args.new_tokens < 4 or args.new_tokens % 4:
         p.error(f"--prompts={args.prompts} must be >= 1 and --new-tokens={args.new_tokens} a "
                 "positive multiple of the block size 4")  # fmt: skip
@@ -199,22 +206,46 @@ def ms_per_forward(job, chunks, prompts, new_tokens, diffusion, slots):
     return 1e3 * (time.thread_time() - start) / (stats["forwards"] - stats["prefills"])
 
 
-def transformers_ms_per_step(hf_model, prompt, new_tokens):
-    """CPU ms per decoding step of transformers' generate (greedy, its KV cache), batch 1."""
+def batch1_round_costs(job, chunks, hf_model, prompt, new_tokens, repeats):
+    """Round cost at batch 1: CPU ms per forward of an engine round (block 4, 4 queries; a
+    block's first round also commits the previous block: 8 queries), our AR step (block 1 +
+    token shift) and transformers' generate step, each the difference of a `new_tokens` and an
+    8-token run over their forwards (prefill and set-up cancel), the three interleaved
+    `repeats` times in this process; medians (the machine may be loaded)."""
+    from megatron_opdlm.diffusion.engine import generate_rollout
+
+    model = dataclasses.replace(job.model, eos_token_ids=[job.model.padded_vocab_size - 1])
     ids = torch.tensor([prompt])
     pad_id = hf_model.generation_config.pad_token_id or hf_model.generation_config.eos_token_id
 
-    def run(n):
-        return hf_model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-            min_new_tokens=n, pad_token_id=pad_id,
-        )  # fmt: skip
+    def ours(block_size, tokens):
+        diffusion = dataclasses.replace(job.diffusion, block_size=block_size, token_shift=True)
+        rollout = dataclasses.replace(
+            job.rollout, temperature=0.0, remasking="static", steps_per_block=block_size
+        )
+        stats, start = {}, time.thread_time()
+        generate_rollout(chunks, [prompt], model, diffusion, rollout, tokens, slots=1,
+                         stats=stats)  # fmt: skip
+        return time.thread_time() - start, stats["forwards"] - stats["prefills"]
 
-    with torch.no_grad():
-        run(4)  # warm-up
+    def theirs(tokens):
         start = time.thread_time()
-        out = run(new_tokens)
-        return 1e3 * (time.thread_time() - start) / (out.shape[1] - ids.shape[1])
+        with torch.no_grad():
+            out = hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad_id,
+            )  # fmt: skip
+        return time.thread_time() - start, out.shape[1] - ids.shape[1]
+
+    runs = {"round": lambda n: ours(4, n), "ar": lambda n: ours(1, n), "transformers": theirs}
+    samples = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run(8)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            (long_s, long_f), (short_s, short_f) = run(new_tokens), run(8)
+            samples[name].append(1e3 * (long_s - short_s) / (long_f - short_f))
+    return {name: statistics.median(values) for name, values in samples.items()}, samples
 
 
 def main(argv=None) -> int:
@@ -251,12 +282,12 @@ def main(argv=None) -> int:
 
     # round cost at batch 1 and the PP ceiling
     block4 = dataclasses.replace(job.diffusion, block_size=4, token_shift=True)
-    block1 = dataclasses.replace(job.diffusion, block_size=1, token_shift=True)
     one = prompts[:1]
-    round_ms = ms_per_forward(job, chunks, one, args.round_tokens, block4, 1)
-    ar_ms = ms_per_forward(job, chunks, one, args.round_tokens, block1, 1)
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    hf_ms = transformers_ms_per_step(hf_model, one[0], args.round_tokens)
+    medians, round_samples = batch1_round_costs(
+        job, chunks, hf_model, one[0], args.round_tokens, args.round_repeats
+    )
+    round_ms, ar_ms, hf_ms = medians["round"], medians["ar"], medians["transformers"]
     rows8 = (prompts * 8)[:8]
     t8 = ms_per_forward(job, chunks, rows8, args.round_tokens, block4, 8)
     t4 = ms_per_forward(job, chunks, rows8[:4], args.round_tokens, block4, 4)
@@ -299,7 +330,8 @@ def main(argv=None) -> int:
         "student_trained": trained,
         "note": "shared machine under load: compare ratios of this run; re-measure quietly",
     }
-    payload = {"meta": meta, "results": results, "round_costs_ms": costs, "ratios": summary}
+    payload = {"meta": meta, "results": results, "round_costs_ms": costs, "ratios": summary,
+               "round_cost_samples_ms": round_samples}  # fmt: skip
     return write_json(args, argv, {**payload, "pp2": pp2})
 
 
