@@ -37,10 +37,10 @@ from megatron_opdlm.cli_errors import THIRD_PARTY_LOG_ENV, route_third_party_out
 
 CONFIG = ROOT / "examples" / "configs" / "demo_smollm2.yaml"
 BUNDLED = ROOT / "megatron_opdlm" / "data" / "bundled"
-# A quiet 2-core run did 29 rollout steps in 12 min (15 min end to end); a loaded one did 26 in
-# 14 min (21.6 min end to end, docs/demo/). 26 steps keep a quiet `make demo` near 15 min; the cap
-# only guards a loaded or slower machine (about 20 min end to end with the evaluations).
-ROLLOUT_STEPS = 26
+# A quiet fresh-machine `make demo` with 26 steps took 20.2 min (2.5 min set-up, 12.5 min training,
+# 4.4 min evaluations): 22 steps keep it under 20 min (docs/demo/); the cap only guards a loaded
+# or slower machine.
+ROLLOUT_STEPS = 22
 MAX_MINUTES = 13.0
 THIRD_PARTY_LOG = "third_party.log"
 
