@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_opdlm.distill.loss import distill_loss
 from megatron_opdlm.training import steps
 
 
@@ -51,15 +50,9 @@ def run_step(student_chunks, teacher_chunks, micro_batches, job, num_global_loss
         micro, micro_targets = next(data_iterator)
         output = steps.student_forward(chunk, micro, job)
 
-        def loss_func(logits):
-            loss, metrics = distill_loss(
-                logits, micro_targets, micro, job.distill, num_global_loss_tokens,
-                model_cfg=job.model, num_global_sequences=num_global_sequences,
-            )  # fmt: skip
-            num_tokens = torch.tensor(micro.num_loss_tokens, dtype=torch.int, device=loss.device)
-            return loss, num_tokens, metrics
-
-        return output, loss_func
+        return output, steps.loss_function(
+            micro, micro_targets, job, num_global_loss_tokens, num_global_sequences
+        )
 
     first = micro_batches[0]
     metrics = get_forward_backward_func()(

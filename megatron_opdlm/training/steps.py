@@ -164,6 +164,27 @@ class StagePair(torch.nn.Module):
             get_attr_wrapped_model(chunk, "set_is_first_microbatch")()
 
 
+def loss_function(
+    micro: PackedBatch,
+    targets: TeacherTargets | None,
+    job: JobConfig,
+    num_global_loss_tokens: int,
+    num_global_sequences: int,
+):
+    """The schedule's loss_func for one micro-batch: (loss, loss tokens, metrics), the loss
+    already divided by the step's global loss-token count (module docstring)."""
+
+    def loss_func(logits):  # [b, R, V/tp] at the logit columns (or [b, S, V/tp] unprojected)
+        loss, metrics = distill_loss(
+            logits, targets, micro, job.distill, num_global_loss_tokens,
+            model_cfg=job.model, num_global_sequences=num_global_sequences,
+        )  # fmt: skip
+        num_tokens = torch.tensor(micro.num_loss_tokens, dtype=torch.int, device=loss.device)
+        return loss, num_tokens, metrics
+
+    return loss_func
+
+
 @contextlib.contextmanager
 def _finalize_on(config, student_chunks: list[torch.nn.Module]):
     """The schedule hands its model chunks to `finalize_model_grads_func` (DP grad sync, SP
@@ -216,15 +237,9 @@ def run_step(
         if teacher_hidden is not None:  # before the last stage: [T(/tp) + S(/tp), b, h]
             output = torch.cat([teacher_hidden, output], dim=0)
 
-        def loss_func(logits):  # [b, R, V/tp] at the logit columns (or [b, S, V/tp] unprojected)
-            loss, metrics = distill_loss(
-                logits, targets, micro, job.distill, num_global_loss_tokens,
-                model_cfg=job.model, num_global_sequences=num_global_sequences,
-            )  # fmt: skip
-            num_tokens = torch.tensor(micro.num_loss_tokens, dtype=torch.int, device=loss.device)
-            return loss, num_tokens, metrics
-
-        return output, loss_func
+        return output, loss_function(
+            micro, targets, job, num_global_loss_tokens, num_global_sequences
+        )
 
     config = get_attr_wrapped_model(student_chunks[0], "config", allow_none=False)
     with _finalize_on(config, student_chunks):
