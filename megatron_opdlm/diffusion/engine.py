@@ -39,8 +39,10 @@ committed a block (their responses so far, right-padded); True ends them after t
 decisions; pipelined, once per micro-batch round (that micro-batch's rows).
 
 Falls back to the lock-step sampler (same arguments) for the no-cache path
-(`rollout.use_kv_cache=false`) and for cores that take column descriptors (FlexAttention): the
-per-slot cache builds dense masks.
+(`rollout.use_kv_cache=false`). The masks of a cached forward are dense ([rows, 1, B, end] per
+round, [a, 1, P, P] per prefill); a FlexAttention core (which otherwise takes column
+descriptors) runs them as SDPA (`slot_cache.slot_core_attention`). Each layer supported by
+`lean_layer` runs its lean forward (megatron's computation, without the module tree).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from megatron_opdlm.diffusion.engine_rows import (
     sequence_keys,
     sequence_uniform,
 )
+from megatron_opdlm.diffusion.lean_layer import lean_layers
 from megatron_opdlm.diffusion.model_runner import (
     ModelRunner,
     eval_mode,
@@ -71,7 +74,6 @@ from megatron_opdlm.diffusion.model_runner import (
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
 from megatron_opdlm.diffusion.sampling import propose_tokens
 from megatron_opdlm.diffusion.slot_cache import SlotCache, slot_attention
-from megatron_opdlm.models.masks import mask_format
 from megatron_opdlm.models.projection import project_rows_gathered
 from megatron_opdlm.models.vocab import mask_invalid_logits
 from megatron_opdlm.runtime import cpu_compat
@@ -110,7 +112,7 @@ def generate_rollout(
     )
     if slots < 0:
         raise ValueError(f"rollout slots={slots} must be >= 0 (0 = one slot per prompt)")
-    if not rollout_cfg.use_kv_cache or mask_format(model_chunks) != "dense":
+    if not rollout_cfg.use_kv_cache:
         hooks = {"should_abort": should_abort, "stop_rows": stop_rows}
         return sampler.generate(
             model_chunks, prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens,
@@ -133,6 +135,7 @@ def generate_rollout(
         fp8_off(model_chunks),
         cpu_compat.small_row_linears(model_chunks),
         slot_attention(model_chunks),
+        lean_layers(model_chunks),
     ):
         batch = engine.run(return_confidences)
     if stats is not None:

@@ -99,42 +99,49 @@ def _rotate(t: torch.Tensor, rotation, interleaved: bool) -> torch.Tensor:
     return torch.cat((t * cos + _rotate_half(t, interleaved) * sin, t_pass), dim=-1)
 
 
-def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
-    """SelfAttention._adjust_key_value_for_inference for a SlotCache (see the module docstring);
-    query/key/value [n, b, heads, head_dim]."""
-    cache = inference_context
-    if not isinstance(cache, SlotCache):
-        return type(self)._adjust_key_value_for_inference(
-            self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
-        )
+def slot_key_values(attention, cache: SlotCache, query, key, value, rotary_pos_emb):
+    """The SlotCache step of one SelfAttention: rotate query and key at each row's positions,
+    write the rows' K/V at their planned columns, read each row's prefix. query/key/value
+    [n, b, heads|groups, head_dim] -> (query, keys [end, b, groups, d], values)."""
     n = key.shape[0]
-    if self.layer_number not in cache.key_value_memory_dict:
+    if attention.layer_number not in cache.key_value_memory_dict:
         memory = tuple(
-            self._allocate_memory(cache.max_sequence_length, cache.max_batch_size, dim, t.dtype)
-            .to(cache.device)
-            .zero_()
-            for dim, t in ((self.key_hidden_size, key), (self.val_hidden_size, value))
-        )
-        cache.key_value_memory_dict[self.layer_number] = memory
-    key_memory, value_memory = cache.key_value_memory_dict[self.layer_number]
+            attention._allocate_memory(cache.max_sequence_length, cache.max_batch_size, dim,
+                                       t.dtype).to(cache.device).zero_()
+            for dim, t in ((attention.key_hidden_size, key), (attention.val_hidden_size, value))
+        )  # fmt: skip
+        cache.key_value_memory_dict[attention.layer_number] = memory
+    key_memory, value_memory = cache.key_value_memory_dict[attention.layer_number]
     table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
     write, contiguous, end, rotation = cache.index(n, table)
     if rotation is not None:  # rows at their own positions: rotate here, keys before caching
-        interleaved = self.config.rotary_interleaved
+        interleaved = attention.config.rotary_interleaved
         query = _rotate(query, rotation, interleaved)
         key = _rotate(key, rotation, interleaved)
     key_memory.index_put_(write, key)
     value_memory.index_put_(write, value)
     if contiguous is not None:  # a view, as megatron's own read
         lo, hi = contiguous
-        keys, values = key_memory[:end, lo:hi], value_memory[:end, lo:hi]
-    else:  # [end, b, groups, d] gathered (a slot twice, or slots out of order)
-        keys, values = key_memory[:end, cache.slots], value_memory[:end, cache.slots]
+        return query, key_memory[:end, lo:hi], value_memory[:end, lo:hi]
+    # [end, b, groups, d] gathered (a slot twice, or slots out of order)
+    return query, key_memory[:end, cache.slots], value_memory[:end, cache.slots]
+
+
+def _adjust_for_slots(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+    """SelfAttention._adjust_key_value_for_inference for a SlotCache (see the module docstring);
+    query/key/value [n, b, heads, head_dim]."""
+    if not isinstance(inference_context, SlotCache):
+        return type(self)._adjust_key_value_for_inference(
+            self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+        )
+    query, keys, values = slot_key_values(
+        self, inference_context, query, key, value, rotary_pos_emb
+    )
     # rotary None: nothing left to rotate; the layer's own mask type: the explicit mask is used
     return query, keys, values, None, self.attn_mask_type, None
 
 
-def _sdpa_applies(core, query, attention_mask, attention_bias, packed_seq_params) -> bool:
+def sdpa_applies(core, query, attention_mask, attention_bias, packed_seq_params) -> bool:
     """True when torch's fused attention computes what megatron's local core would: fp32, no
     dropout, plain softmax and scale, a bool mask, no bias / packing / window."""
     config = core.config
@@ -151,38 +158,71 @@ def _sdpa_applies(core, query, attention_mask, attention_bias, packed_seq_params
     )
 
 
+def slot_core_attention(core, query, key, value, attention_mask, attn_mask_type=None):
+    """A core attention of a SlotCache forward: query [sq, b, heads, d], key/value [sk, b,
+    groups, d], mask [b|1, 1, sq, sk] True = masked out -> [sq, b, heads * d].
+    - megatron's local core: one fused op (torch SDPA) where `sdpa_applies` (its baddbmm +
+      masked softmax (-10000 fill) + bmm in ~12 ops, a GQA repeat of the whole prefix per
+      layer): the same result up to fp32 rounding, as every query row of the engine's masks sees
+      at least one key (itself);
+    - the FlexAttention core: SDPA on the engine's dense mask in any dtype (a round is a few
+      queries per row against its prefix: a dense [b, 1, B, end] mask is small, and flex would
+      build a block mask from it per forward);
+    - anything else: the core's own forward."""
+    takes_columns = getattr(core, "takes_mask_columns", False)
+    if (
+        takes_columns
+        and not core.training
+        and isinstance(attention_mask, torch.Tensor)
+        and (attention_mask.dtype == torch.bool)
+    ):
+        return sdpa_core_attention(core, query, key, value, attention_mask)
+    if not takes_columns and sdpa_applies(core, query, attention_mask, None, None):
+        return sdpa_core_attention(core, query, key, value, attention_mask)
+    return type(core).forward(core, query, key, value, attention_mask,
+                              attn_mask_type=attn_mask_type)  # fmt: skip
+
+
 def _core_attention_for_slots(
     self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
     packed_seq_params=None,
 ):  # fmt: skip
-    """DotProductAttention.forward as one fused op (torch SDPA) where `_sdpa_applies`, else
-    megatron's. query [sq, b, heads, d], key/value [sk, b, groups, d], mask [b|1, 1, sq, sk]
-    True = masked out -> [sq, b, heads * d]. megatron's baddbmm + masked softmax (-10000 fill)
-    + bmm in ~12 ops (a GQA repeat of the whole prefix per layer); the same result up to fp32
-    rounding, as every query row of the engine's masks sees at least one key (itself)."""
-    if not _sdpa_applies(self, query, attention_mask, attention_bias, packed_seq_params):
+    """The core's forward while `slot_attention` is held (`slot_core_attention`)."""
+    if attention_bias is not None or packed_seq_params is not None:
         return type(self).forward(
             self, query, key, value, attention_mask, attn_mask_type=attn_mask_type,
             attention_bias=attention_bias, packed_seq_params=packed_seq_params,
         )  # fmt: skip
+    return slot_core_attention(self, query, key, value, attention_mask, attn_mask_type)
+
+
+def sdpa_core_attention(core, query, key, value, attention_mask):
+    """megatron's local core attention as torch SDPA (where `sdpa_applies`): query [sq, b,
+    heads, d], key/value [sk, b, groups, d], mask [b|1, 1, sq, sk] True = masked out ->
+    [sq, b, heads * d]."""
     sq, b = query.shape[:2]
     context = torch.nn.functional.scaled_dot_product_attention(
         query.permute(1, 2, 0, 3),  # [b, heads, sq, d]
         key.permute(1, 2, 0, 3),  # [b, groups, sk, d]
         value.permute(1, 2, 0, 3),
         attn_mask=~attention_mask,  # True = takes part
-        scale=self.softmax_scale,
+        scale=core.softmax_scale,
         enable_gqa=query.shape[2] != key.shape[2],
     )  # [b, heads, sq, d]
     return context.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, heads * d]
 
 
+def slot_core_supported(core) -> bool:
+    """Megatron's local core or the FlexAttention core (see `slot_core_attention`)."""
+    return type(core) is DotProductAttention or getattr(core, "takes_mask_columns", False)
+
+
 @contextlib.contextmanager
 def slot_attention(model_chunks: list[torch.nn.Module]):
     """Let every SelfAttention of the chunks serve a SlotCache for the duration (restored after),
-    and megatron's local core attention run as one fused op (`_core_attention_for_slots`)."""
+    and their core attentions run as `slot_core_attention`."""
     modules = [m for c in model_chunks for m in c.modules() if isinstance(m, SelfAttention)]
-    cores = [m.core_attention for m in modules if type(m.core_attention) is DotProductAttention]
+    cores = [m.core_attention for m in modules if slot_core_supported(m.core_attention)]
     cores = [core for core in cores if "forward" not in vars(core)]
     for module in modules:
         module._adjust_key_value_for_inference = types.MethodType(_adjust_for_slots, module)

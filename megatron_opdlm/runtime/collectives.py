@@ -101,6 +101,19 @@ def broadcast_tensor_(tensor: torch.Tensor, src: int, group=None) -> torch.Tenso
     return tensor
 
 
+def all_reduce_tensor_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over `group` of a tensor already on `comm_device` (activations of a TP
+    group: megatron's `_reduce`); a group of one returns it untouched."""
+    if initialized() and group_size(group) > 1:
+        if tensor.device != comm_device(group):
+            raise ValueError(
+                f"all-reduce of a tensor on {tensor.device} over a group whose backend needs "
+                f"{comm_device(group)}; move it with .to(comm_device(group)) first"
+            )
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
 def group_ranks(group) -> list[int]:
     """Global ranks of `group`, in group order ([0] without a process group)."""
     return dist.get_process_group_ranks(group) if initialized() else [0]

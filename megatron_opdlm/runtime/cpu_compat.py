@@ -351,30 +351,40 @@ def _few_row_linear(flat, weight):
     return torch.mm(weight, flat.t()).t().contiguous()  # [out, m] -> [m, out]
 
 
-def _small_row_forward_impl(module):
-    """`_forward_impl` for one megatron linear: few rows without autograd on CPU."""
+def few_row_linear_applies(input, sequence_parallel=False, gtp_remat_size=1) -> bool:
+    """True when `small_row_linears` computes this product itself: CPU, fp32, no autograd, at
+    most SMALL_ROWS rows, no sequence parallelism or remat."""
     import torch
 
+    return not (
+        torch.is_grad_enabled()
+        or sequence_parallel
+        or gtp_remat_size > 1
+        or input.device.type != "cpu"
+        or input.dtype != torch.float32
+        or input.numel() // input.shape[-1] > SMALL_ROWS
+    )
+
+
+def few_row_linear(input, weight):
+    """input [..., in] @ weight [out, in]^T -> [..., out] (where `few_row_linear_applies`)."""
+    rows = input.numel() // input.shape[-1]
+    output = _few_row_linear(input.reshape(rows, input.shape[-1]), weight)  # [m, out]
+    return output.view(*input.shape[:-1], weight.shape[0])
+
+
+def _small_row_forward_impl(module):
+    """`_forward_impl` for one megatron linear: few rows without autograd on CPU."""
     fallback = type(module)._forward_impl.__get__(module)
 
     def forward_impl(input, weight, bias=None, sequence_parallel=False, **kwargs):
-        rows = input.numel() // input.shape[-1]
-        if (
-            torch.is_grad_enabled()
-            or sequence_parallel
-            or kwargs.get("gtp_remat_size", 1) > 1
-            or input.device.type != "cpu"
-            or input.dtype != torch.float32
-            or rows > SMALL_ROWS
-        ):
+        if not few_row_linear_applies(input, sequence_parallel, kwargs.get("gtp_remat_size", 1)):
             return fallback(
                 input=input, weight=weight, bias=bias, sequence_parallel=sequence_parallel,
                 **kwargs,
             )  # fmt: skip
-        output = _few_row_linear(input.reshape(rows, input.shape[-1]), weight)  # [m, out]
-        if bias is not None:
-            output = output + bias
-        return output.view(*input.shape[:-1], weight.shape[0])  # [..., out]
+        output = few_row_linear(input, weight)
+        return output if bias is None else output + bias
 
     return forward_impl
 

@@ -5,7 +5,8 @@ each layout, load the TP=1 weights resharded, and decode again on fewer slots th
 slots are refilled mid-rollout on every stage). Greedy and seeded sampling must give identical
 tokens, step maps and forward counts: the schedule depends only on the decisions, which the last
 stage broadcasts, and each sequence draws from its own counter-based stream (logits differ from
-TP=1 only by reduction order, ~2e-7 in fp32, far from flipping a decision here).
+TP=1 only by reduction order, ~2e-7 in fp32, far from flipping a decision here). The engine's
+lean layer forward (diffusion.lean_layer, with its own TP all-reduce) runs on every layout.
 """
 
 from __future__ import annotations
@@ -80,8 +81,14 @@ def _each_layout(world_size, layouts):
 
 
 def _body(rank, world_size):
-    layouts = _each_layout(world_size, LAYOUTS)
-    return {layout: _decode_all(chunks, config) for layout, chunks, config in layouts}
+    from megatron_opdlm.diffusion.lean_layer import lean_supported
+
+    results = {}
+    for layout, chunks, config in _each_layout(world_size, LAYOUTS):
+        # the engine's lean layers (TP: their own all-reduce) run on every layout here
+        assert all(lean_supported(layer) for layer in chunks[0].decoder.layers), layout
+        results[layout] = _decode_all(chunks, config)
+    return results
 
 
 def test_engine_tp2_pp2_match_tp1():

@@ -198,3 +198,40 @@ def test_bad_slot_count_is_refused(tiny):
         generate_rollout(chunks, PROMPTS, model, diffusion_cfg, rollout_cfg, 8, slots=-1)
     with pytest.raises(ValueError, match="rollout.slots=-1"):
         dataclasses.replace(rollout_cfg, slots=-1).validate()
+
+
+def test_lean_layers_cover_the_student_and_are_restored(tiny):
+    from megatron_opdlm.diffusion.lean_layer import lean_layers, lean_supported
+
+    _, chunks = tiny
+    layers = list(chunks[0].decoder.layers)
+    assert layers and all(lean_supported(layer) for layer in layers)
+    with lean_layers(chunks):
+        assert all("forward" in vars(layer) for layer in layers)
+    assert not any("forward" in vars(layer) for layer in layers)
+
+
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_lean_layers_give_megatron_layers_bits(tiny, monkeypatch, token_shift):
+    """The engine's lean layer forward (diffusion.lean_layer) against megatron's own layers on
+    the same rollout (sampled, ragged, EOS mid-block, S < N so rows of different blocks share a
+    forward): every round's logits and all results bit-equal (same operations, same order)."""
+    import contextlib
+
+    from megatron_opdlm.diffusion import lean_layer
+
+    calls = []
+    attention = lean_layer._attention
+    monkeypatch.setattr(lean_layer, "_attention", lambda *a: calls.append(1) or attention(*a))
+    run = dict(slots=4, diffusion={"token_shift": token_shift}, **SAMPLED)
+    lean, lean_rounds, _ = _engine(tiny, **run)
+    assert len(calls) > 0  # the lean forward did run
+    monkeypatch.setattr(engine_module, "lean_layers", lambda chunks: contextlib.nullcontext())
+    calls.clear()
+    plain, plain_rounds, _ = _engine(tiny, **run)
+    assert not calls
+    for field in FIELDS:
+        assert torch.equal(getattr(lean, field), getattr(plain, field)), field
+    assert len(lean_rounds) == len(plain_rounds)
+    for ours, theirs in zip(lean_rounds, plain_rounds, strict=True):
+        assert torch.equal(ours[3], theirs[3])  # the round's logits [a, B, V]

@@ -1,7 +1,7 @@
 """The FlexAttention core inside the tiny student GPTModel (local linears, CPU, fp32) against
 megatron's DotProductAttention on the same weights: teacher rows, packed student rows, the
-sampler's cached rounds (greedy tokens), and CPU training (dense SDPA fallback) with selective
-recompute of core attention."""
+sampler's cached rounds (greedy tokens), the rollout engine's slots, and CPU training (dense
+SDPA fallback) with selective recompute of core attention."""
 
 from __future__ import annotations
 
@@ -64,6 +64,34 @@ def test_greedy_tokens_equal_local_core(models):
         ]
         assert torch.equal(runs[0].response_tokens, runs[1].response_tokens), (cache, shift)
         assert torch.equal(runs[0].step_map, runs[1].step_map)
+
+
+def test_engine_runs_the_flex_model_on_its_slots(models):
+    """The rollout engine decodes a flex-core model itself (no lock-step fallback): on S < N slots,
+    sampled, the flex model's tokens and step map equal the local core's, and every round's
+    logits agree to ATOL (SDPA on the engine's dense masks vs megatron's baddbmm core)."""
+    from megatron_opdlm.diffusion.engine import generate_rollout
+
+    local_cfg, local, _, flex = models
+    rollout = dataclasses.replace(
+        local_cfg.rollout, temperature=1.0, remasking="dynamic", threshold=0.7
+    )
+    runs = []
+    for chunks in (local, flex):
+        rounds, stats = [], {}
+        batch = generate_rollout(
+            chunks, PROMPTS, local_cfg.model, local_cfg.diffusion, rollout, 12, slots=2,
+            generator=torch.Generator().manual_seed(4), stats=stats,
+            round_callback=lambda *args, rounds=rounds: rounds.append(args[3]),
+        )  # fmt: skip
+        assert stats["slots"] == 2 and stats["prefills"] >= 2  # the engine's own schedule
+        runs.append((batch, rounds))
+    (want, want_rounds), (got, got_rounds) = runs
+    assert torch.equal(got.response_tokens, want.response_tokens)
+    assert torch.equal(got.decoded_step_map, want.decoded_step_map)
+    assert len(got_rounds) == len(want_rounds)
+    for ours, theirs in zip(got_rounds, want_rounds, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
 def _packed(models, fmt):
