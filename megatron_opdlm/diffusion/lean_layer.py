@@ -123,7 +123,7 @@ def _attention(layer, x, attention_mask, rotary_pos_emb, cache):
     query, keys, values = slot_key_values(attention, cache, query, key, value, rotary_pos_emb)
     context = slot_core_attention(
         attention.core_attention, query, keys, values, attention_mask, attention.attn_mask_type
-    )  # [n, b, heads * dh]; fmt: skip
+    )  # [n, b, heads * dh]
     return _reduce(attention.linear_proj, _matmul(attention.linear_proj, context))  # [n, b, h]
 
 
