@@ -70,7 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-prompts", type=int, default=16, help="first N held-out prompts")
     p.add_argument("--max-new-tokens", type=int, default=48, help="held-out response cap")
     p.add_argument("--qa-max-new-tokens", type=int, default=24, help="QA answer cap")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="rollout engine slots: prompts decoded at once (continuous batching)",
+    )
     p.add_argument("--examples", type=int, default=6, help="QA answers kept in the JSON per model")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8])
     p.add_argument("--max-prompt-length", type=int, default=256)

@@ -1,4 +1,4 @@
-"""Generate text with the block-diffusion sampler from a Megatron checkpoint (teacher or student).
+"""Generate text with the rollout engine from a Megatron checkpoint (teacher or student).
 
     python tools/generate.py --ckpt CKPT --prompt "What is 7 * 8?" --chat --max-new-tokens 64
     python tools/generate.py --ckpt QWEN3_CKPT --prompt "Hi" --chat \
@@ -10,8 +10,12 @@
 "messages" (chat turns) field, as in training prompt files. A checkpoint without a
 DiffusionConfig is an AR teacher: it decodes with token shift (its head predicts the next
 token), and with --block-size 1 that is exactly greedy AR decoding.
-Data-parallel ranks (world / (tp * pp)) split the prompts; rank 0 prints every result, then
-tokens/s and tokens per forward. Sampling is reproducible for a given --seed and layout.
+Data-parallel ranks (world / (tp * pp)) split the prompts; each rank decodes its prompts on
+--batch-size slots (continuous batching: a finished sequence's slot takes the next prompt);
+rank 0 prints every result, then tokens/s and tokens per forward. Sampling is reproducible for a
+given --seed and data-parallel size; with the KV cache also whatever --batch-size (every
+sequence draws from its own random stream; --no-kv-cache decodes lock-step batches of
+--batch-size that share one generator).
 """
 
 from __future__ import annotations
@@ -52,7 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together per rank")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="slots per data-parallel rank: prompts decoded at once (continuous batching: a "
+        "finished sequence's slot takes the next prompt; KV memory grows with it)",
+    )
     p.add_argument("--no-kv-cache", action="store_true", help="recompute everything each round")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -190,11 +200,13 @@ def main(argv=None) -> int:
         read_model_meta,
     )
     from megatron_opdlm.data.tokenizer import load_tokenizer
-    from megatron_opdlm.diffusion.sampler import generate
+    from megatron_opdlm.diffusion.engine import generate_rollout
     from megatron_opdlm.models.builder import build_student
     from megatron_opdlm.models.vocab import init_mask_token_row
     from megatron_opdlm.runtime import distributed
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}", "must be >= 1", "give e.g. 8")
     texts = read_prompts(args)
     template_kwargs = chat_template_kwargs(args)
     ckpt = check_checkpoint(args.ckpt)
@@ -216,18 +228,18 @@ def main(argv=None) -> int:
     mine = list(range(dp_rank, len(prompts), dp_size))
     generator = torch.Generator().manual_seed(args.seed + dp_rank)
     results, start = [], time.perf_counter()
-    for first in range(0, len(mine), args.batch_size):
-        indices = mine[first : first + args.batch_size]
-        batch = generate(
+    if mine:  # more data-parallel ranks than prompts: some have none
+        batch = generate_rollout(
             chunks,
-            [prompts[i] for i in indices],
+            [prompts[i] for i in mine],
             job.model,
             job.diffusion,
             job.rollout,
             args.max_new_tokens,
-            generator=generator,
+            slots=args.batch_size,
+            generator=generator,  # sampling: one seed drawn, then per-sequence streams
         )
-        for row, index in enumerate(indices):
+        for row, index in enumerate(mine):
             length = int(batch.response_valid[row].sum())
             tokens = batch.response_tokens[row, :length].tolist()
             forwards = int(batch.num_forwards[row])

@@ -39,10 +39,12 @@ committed a block (their responses so far, right-padded); True ends them after t
 decisions; pipelined, once per micro-batch round (that micro-batch's rows).
 
 Falls back to the lock-step sampler (same arguments) for the no-cache path
-(`rollout.use_kv_cache=false`). The masks of a cached forward are dense ([rows, 1, B, end] per
-round, [a, 1, P, P] per prefill); a FlexAttention core (which otherwise takes column
-descriptors) runs them as SDPA (`slot_cache.slot_core_attention`). Each layer supported by
-`lean_layer` runs its lean forward (megatron's computation, without the module tree).
+(`rollout.use_kv_cache=false`), in lock-step batches of `slots` prompts (joined into one
+RolloutBatch), so `slots` bounds the rows decoded at once on every path. The masks of a cached
+forward are dense ([rows, 1, B, end] per round, [a, 1, P, P] per prefill); a FlexAttention core
+(which otherwise takes column descriptors) runs them as SDPA (`slot_cache.slot_core_attention`).
+Each layer supported by `lean_layer` runs its lean forward (megatron's computation, without the
+module tree).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from megatron_opdlm.diffusion.model_runner import (
     fp8_off,
     sequence_parallel_off,
 )
-from megatron_opdlm.diffusion.rollout_types import RolloutBatch
+from megatron_opdlm.diffusion.rollout_types import RolloutBatch, concat_batches
 from megatron_opdlm.diffusion.sampling import propose_tokens
 from megatron_opdlm.diffusion.slot_cache import SlotCache, slot_attention
 from megatron_opdlm.models.projection import project_rows_gathered
@@ -114,11 +116,18 @@ def generate_rollout(
         raise ValueError(f"rollout slots={slots} must be >= 0 (0 = one slot per prompt)")
     if not rollout_cfg.use_kv_cache:
         hooks = {"should_abort": should_abort, "stop_rows": stop_rows}
-        return sampler.generate(
-            model_chunks, prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens,
-            generator=generator, return_confidences=return_confidences,
-            **{name: hook for name, hook in hooks.items() if hook is not None},
-        )  # fmt: skip
+        # lock-step batches of `slots` prompts: slots bound the rows decoded at once here too
+        size = slots if 0 < slots < len(prompts) else len(prompts)
+        batches = [
+            sampler.generate(
+                model_chunks, prompts[start : start + size], model_cfg, diffusion_cfg,
+                rollout_cfg, max_new_tokens, generator=generator,
+                return_confidences=return_confidences,
+                **{name: hook for name, hook in hooks.items() if hook is not None},
+            )
+            for start in range(0, len(prompts), size)
+        ]  # fmt: skip
+        return batches[0] if len(batches) == 1 else concat_batches(batches, model_cfg.pad_token_id)
     device = next(model_chunks[0].parameters()).device
     sampler._check_same_prompts(prompts, device)
     seed = 0

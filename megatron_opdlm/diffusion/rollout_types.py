@@ -51,9 +51,65 @@ class RolloutBatch:
             return self.step_map.masked_fill(~self.response_valid, -1)
         return self.decoded_step_map.masked_fill(~self.decoded(), -1)
 
+    def row_slice(self, start: int, end: int) -> RolloutBatch:
+        """Rows [start, end) in the layout a rollout of those rows alone has: the left padding
+        trimmed to their widest prompt, the columns to their decoded blocks (a whole-batch
+        rollout pads every row to the widest of all; consumers that forward [b, P + R] rows,
+        e.g. the evaluation's teacher NLL, then pay only for these rows' widths)."""
+        rows = slice(start, end)
+        prompt_valid = self.prompt_valid[rows]  # [b, P]
+        # left-padded: the first column any row uses starts the trimmed prompt
+        first = prompt_valid.shape[1] - int(prompt_valid.sum(dim=1).max())
+        decoded = self.decoded()[rows]  # [b, R]; decoded blocks are a prefix of the columns
+        width = int(decoded.any(dim=0).sum())
+
+        def cut(value):  # [b, R] response-side tensors (or None)
+            return None if value is None else value[rows, :width]
+
+        return RolloutBatch(
+            prompt_tokens=self.prompt_tokens[rows, first:],
+            prompt_valid=prompt_valid[:, first:],
+            response_tokens=cut(self.response_tokens),
+            response_valid=cut(self.response_valid),
+            step_map=cut(self.step_map),
+            num_forwards=self.num_forwards[rows],
+            confidences=cut(self.confidences),
+            decoded_step_map=cut(self.decoded_step_map),
+        )
+
     def to(self, device) -> RolloutBatch:
         moved = {
             name: (value.to(device) if isinstance(value, torch.Tensor) else value)
             for name, value in self.__dict__.items()
         }
         return RolloutBatch(**moved)
+
+
+def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """The rows of `batches` in order, as one batch: prompts left-padded to the widest, responses
+    right-padded to the longest (pad tokens, not valid, step -1, confidence 0)."""
+    p = max(b.prompt_length for b in batches)
+    r = max(b.response_length for b in batches)
+
+    def left(value, fill):  # [b, P_i] -> [b, p]
+        return torch.nn.functional.pad(value, (p - value.shape[1], 0), value=fill)
+
+    def right(value, fill):  # [b, R_i] -> [b, r] (None stays None)
+        if value is None:
+            return None
+        return torch.nn.functional.pad(value, (0, r - value.shape[1]), value=fill)
+
+    def cat(name, pad, fill):
+        values = [pad(getattr(b, name), fill) for b in batches]
+        return None if values[0] is None else torch.cat(values)
+
+    return RolloutBatch(
+        prompt_tokens=cat("prompt_tokens", left, pad_token_id),
+        prompt_valid=cat("prompt_valid", left, False),
+        response_tokens=cat("response_tokens", right, pad_token_id),
+        response_valid=cat("response_valid", right, False),
+        step_map=cat("step_map", right, -1),
+        num_forwards=torch.cat([b.num_forwards for b in batches]),
+        confidences=cat("confidences", right, 0.0),
+        decoded_step_map=cat("decoded_step_map", right, -1),
+    )

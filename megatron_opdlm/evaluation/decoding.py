@@ -1,4 +1,4 @@
-"""Greedy decoding settings of the evaluation, and batched, timed generation through the sampler.
+"""Greedy decoding settings of the evaluation, and timed generation through the rollout engine.
 
 Settings (the paper's evaluation): greedy (temperature 0) decoding, at most B rounds per block of
 B tokens, with
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_opdlm.config import RolloutConfig
+from megatron_opdlm.diffusion.engine import generate_rollout
 from megatron_opdlm.diffusion.rollout_types import RolloutBatch
-from megatron_opdlm.diffusion.sampler import generate
 from megatron_opdlm.evaluation.models import EvalModel
 
 DEFAULT_THRESHOLDS = (0.95, 0.9, 0.8)
@@ -64,7 +64,7 @@ class Generation:
 
     setting: str
     batches: list[RolloutBatch]
-    seconds: float  # wall-clock time inside the sampler
+    seconds: float  # wall-clock time inside the rollout engine
 
     @property
     def tokens(self) -> int:
@@ -100,7 +100,11 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
 ) -> Generation:
-    """Greedy responses to `prompts` in batches of `batch_size` (ragged prompts left-padded)."""
+    """Greedy responses to `prompts`, decoded on `batch_size` slots of the rollout engine
+    (continuous batching: a finished sequence's slot takes the next prompt). The responses come
+    back as batches of `batch_size` rows in prompt order, each in its own layout
+    (`RolloutBatch.row_slice`): what consumes them (teacher NLL, on-policy KL) forwards a batch
+    at a time, and so holds at most `batch_size` rows, as the decoding did."""
     block = model.diffusion_cfg.block_size
     if max_new_tokens % block:
         raise ValueError(
@@ -110,19 +114,20 @@ def generate_greedy(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     rollout_cfg = setting.rollout_config(block, max_new_tokens)
-    batches, seconds = [], 0.0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        began = time.perf_counter()
-        batch = generate(
-            model.chunks,
-            chunk,
-            model.model_cfg,
-            model.diffusion_cfg,
-            rollout_cfg,
-            max_new_tokens=max_new_tokens,
-            generator=torch.Generator().manual_seed(0),
-        )
-        seconds += time.perf_counter() - began
-        batches.append(batch)
+    began = time.perf_counter()
+    # greedy: the engine draws no seed from the generator; it is passed for the sampler fallback
+    batch = generate_rollout(
+        model.chunks,
+        prompts,
+        model.model_cfg,
+        model.diffusion_cfg,
+        rollout_cfg,
+        max_new_tokens=max_new_tokens,
+        slots=batch_size,
+        generator=torch.Generator().manual_seed(0),
+    )
+    seconds = time.perf_counter() - began
+    batches = [
+        batch.row_slice(start, start + batch_size) for start in range(0, len(prompts), batch_size)
+    ]
     return Generation(setting.name, batches, seconds)

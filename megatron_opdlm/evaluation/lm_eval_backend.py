@@ -15,8 +15,10 @@ checkpoint as an untrained student), max_gen_toks (256), device (HF only), chat_
 `"chat_template_kwargs={'enable_thinking': False}"`, or in a JSON --model_args) and its shortcut
 enable_thinking (true / false, Qwen3), as lm-eval's hf model takes it.
 
-- generate_until: the project's sampler, batched (longest prompts first), greedy unless the
-  task asks for do_sample/temperature; the task's `until` strings are checked as each block is
+- generate_until: the project's rollout engine, all requests with the same generation
+  arguments in one call on `batch_size` slots (continuous batching; an HF export decodes them in
+  lock-step batches of `batch_size`, longest prompts first), greedy unless the task asks for
+  do_sample/temperature; the task's `until` strings are checked as each block is
   committed (a row stops there), then the text is cut at the first one; `max_gen_toks` is
   honoured (whole blocks decoded, the tokens cut); `--apply_chat_template` renders the
   tokenizer's chat template.
@@ -277,14 +279,14 @@ class OpdlmLM(TemplateLM):
             max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             rollout = self._rollout_for(kwargs)
             prompts = {i: self.tok_encode(requests[i].args[0]) for i in indices}
-            indices = sorted(indices, key=lambda i: -len(prompts[i]))  # longest first
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                texts = self._generate_batch([prompts[i] for i in chunk], rollout, max_gen, until)
-                for i, text in zip(chunk, texts, strict=True):
-                    results[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                bar.update(len(chunk))
+            # longest first: lock-step batches (the HF export) hold similar widths
+            indices = sorted(indices, key=lambda i: -len(prompts[i]))
+            # the group shares until / max_gen / rollout: one call, the engine batches it
+            texts = self._generate_group([prompts[i] for i in indices], rollout, max_gen, until)
+            for i, text in zip(indices, texts, strict=True):
+                results[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.update(len(indices))
         bar.close()
         return results
 
@@ -301,7 +303,7 @@ class OpdlmLM(TemplateLM):
         rollout.validate()
         return rollout
 
-    def _generate_batch(self, prompts, rollout, max_gen: int, until: list[str]) -> list[str]:
+    def _generate_group(self, prompts, rollout, max_gen: int, until: list[str]) -> list[str]:
         block = self.engine.scoring.block_size
         longest = max(len(p) for p in prompts)
         max_new = -(-max_gen // block) * block
@@ -317,7 +319,8 @@ class OpdlmLM(TemplateLM):
                         stop[row] = any(s in text for s in until)
             return stop
 
-        rows, forwards = self.engine.generate(prompts, rollout, max_new, stop_rows)
+        rows, forwards = self.engine.generate(prompts, rollout, max_new, stop_rows,
+                                              self.batch_size)  # fmt: skip
         texts = []
         for tokens in rows:
             tokens = tokens[:max_gen]

@@ -1,9 +1,10 @@
 """The two model sources of the lm-eval backend: a Megatron checkpoint or an exported HF DLM.
 
 Both offer the same three things to `lm_eval_backend.OpdlmLM`:
-- `generate(prompts, rollout_cfg, max_new_tokens, stop_rows)` -> (token lists up to and
-  including EOS, forwards per row), through the project's sampler (Megatron, any TP/PP, the
-  model-parallel group decodes the same prompts) or the export's `generate` (the same algorithm);
+- `generate(prompts, rollout_cfg, max_new_tokens, stop_rows, batch_size)` -> (token lists up to
+  and including EOS, forwards per row), through the project's rollout engine (Megatron, any
+  TP/PP, the model-parallel group decodes the same prompts; continuous batching on `batch_size`
+  slots) or the export's `generate` (the same algorithm, lock-step batches of `batch_size`);
 - `forward(tokens, positions, mask, rows)` -> full-vocabulary logits [b, n, V] on every rank
   (block_scoring's Forward);
 - `scoring` (block size, token shift, mask id, vocabulary) and `tokenizer`
@@ -78,12 +79,15 @@ class MegatronEngine:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.seed = seed
 
-    def generate(self, prompts, rollout_cfg: RolloutConfig, max_new_tokens: int, stop_rows):
-        from megatron_opdlm.diffusion.sampler import generate
+    def generate(self, prompts, rollout_cfg: RolloutConfig, max_new_tokens: int, stop_rows,
+                 batch_size: int):  # fmt: skip
+        from megatron_opdlm.diffusion.engine import generate_rollout
 
-        batch = generate(self.model.chunks, prompts, self.model.model_cfg,
-                         self.model.diffusion_cfg, rollout_cfg, max_new_tokens,
-                         generator=_generator(self.seed, "cpu"), stop_rows=stop_rows)  # fmt: skip
+        # every sequence samples from its own stream: its tokens do not depend on its neighbours
+        batch = generate_rollout(self.model.chunks, prompts, self.model.model_cfg,
+                                 self.model.diffusion_cfg, rollout_cfg, max_new_tokens,
+                                 slots=batch_size, generator=_generator(self.seed, "cpu"),
+                                 stop_rows=stop_rows)  # fmt: skip
         rows = [
             batch.response_tokens[i, : int(batch.response_valid[i].sum())].tolist()
             for i in range(len(prompts))
@@ -144,7 +148,16 @@ class HFEngine:
         self.dp_rank, self.dp_size, self.dp_group = 0, 1, None
         self.seed = seed
 
-    def generate(self, prompts, rollout_cfg: RolloutConfig, max_new_tokens: int, stop_rows):
+    def generate(self, prompts, rollout_cfg: RolloutConfig, max_new_tokens: int, stop_rows,
+                 batch_size: int):  # fmt: skip
+        rows, forwards = [], []
+        for start in range(0, len(prompts), batch_size):  # the export decodes in lock step
+            got = self._generate_batch(prompts[start : start + batch_size], rollout_cfg,
+                                       max_new_tokens, stop_rows)  # fmt: skip
+            rows, forwards = rows + got[0], forwards + got[1]
+        return rows, forwards
+
+    def _generate_batch(self, prompts, rollout_cfg: RolloutConfig, max_new_tokens: int, stop_rows):
         pad = self.scoring.pad_token_id
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)

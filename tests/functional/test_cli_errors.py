@@ -127,6 +127,7 @@ def test_generate_bad_input(work):
         (["--ckpt", ckpt, "--prompt", "hi", "--remasking", "sideways"], "remasking"),
         (["--ckpt", ckpt, "--prompt", "hi", "--max-new-tokens", "x"], "--max-new-tokens"),
         (["--ckpt", ckpt, "--prompt", "hi", "--tp", "2"], "world size"),
+        (["--ckpt", ckpt, "--prompt", "hi", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
         (
             ["--ckpt", ckpt, "--prompt", "hi", "--chat", "--chat-template-kwargs", "thinking"],
             "--chat-template-kwargs 'thinking' is not a mapping",

@@ -76,7 +76,8 @@ def hf_model(smollm2):
 
 
 def _tools_generate(smollm2, remasking, cache, tmp_path) -> list[list[int]]:
-    """tools/generate.py at --batch-size 4 over the 5 prompts: a ragged 4, then a batch of 1."""
+    """tools/generate.py at --batch-size 4 over the 5 prompts: the rollout engine on 4 slots, the
+    5th prompt prefilled into the first freed one (no cache: lock-step batches of 4, then 1)."""
     sys.path.insert(0, str(ROOT / "tools"))
     import generate as generate_tool
 
