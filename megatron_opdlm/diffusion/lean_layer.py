@@ -17,7 +17,8 @@ Everything else runs megatron's own forward: training and any forward without a 
 layers it does not cover (checked once per layer on entry, `lean_supported`): Transformer
 Engine's fused norm-linears (the GPU spec: there CUDA graphs are the remedy for per-op
 overhead), MoE, cross attention, q/k norms, gated attention, biases outside linear_qkv,
-sequence parallelism, fused activations, fp8, offloading, recompute, per-layer no-RoPE.
+sequence parallelism, fused activations other than SwiGLU, fp8, offloading, recompute,
+per-layer no-RoPE.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
@@ -77,7 +80,11 @@ def lean_supported(layer: torch.nn.Module) -> bool:
         and _plain_linear(attention.linear_proj, bias_allowed=False)
         and _plain_linear(mlp.linear_fc1, bias_allowed=False)
         and _plain_linear(mlp.linear_fc2, bias_allowed=False)
-        and not config.bias_activation_fusion
+        # megatron's fused activation (the GPU default) only where it is SwiGLU: called as is
+        and (
+            not config.bias_activation_fusion
+            or (config.gated_linear_unit and mlp.activation_func is F.silu)
+        )  # fmt: skip
         and not config.use_te_activation_func
         and not config.apply_residual_connection_post_layernorm
         and not config.fp32_residual_connection
@@ -128,10 +135,12 @@ def _attention(layer, x, attention_mask, rotary_pos_emb, cache):
 
 
 def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    """megatron's MLP.forward without fusions: fc1, GLU or activation, fc2 (+ TP reduce)."""
+    """megatron's MLP.forward: fc1, fused SwiGLU / GLU / activation, fc2 (+ TP reduce)."""
     config = mlp.config
     hidden = _matmul(mlp.linear_fc1, x)  # [n, b, ffn/tp (x2 gated)]
-    if config.gated_linear_unit:  # megatron's glu(): chunk, clamp, act(x0) * (x1 + offset)
+    if config.bias_activation_fusion:  # SwiGLU (lean_supported): megatron's fused call, no bias
+        hidden = bias_swiglu_impl(hidden, None, config.activation_func_fp8_input_store, False)
+    elif config.gated_linear_unit:  # megatron's glu(): chunk, clamp, act(x0) * (x1 + offset)
         x_glu, x_linear = torch.chunk(hidden, 2, dim=-1)
         if (val := config.activation_func_clamp_value) is not None:
             x_glu = x_glu.clamp(min=None, max=val)

@@ -3,7 +3,8 @@ Engine, no NGC image). `make test-gpu`; about a minute on one H100 after the ins
 
 Local spec on CUDA with NCCL at world size 1 (enough to catch a host tensor in a collective:
 NCCL refuses CPU tensors), a bf16 OPDLM run whose loss falls, the teacher on a ragged left-padded
-batch, cached == no-cache rollouts, exact resume, and the time and memory of a step (printed).
+batch, cached == no-cache rollouts, the rollout engine's lean layers (== the sampler in fp32, ==
+megatron's layers in bf16), exact resume, and the time and memory of a step (printed).
 """
 
 from __future__ import annotations
@@ -96,6 +97,51 @@ def test_cached_rollout_gives_the_no_cache_greedy_tokens_on_cuda(single_process)
         batch = generate(student, prompts, job.model, job.diffusion, rollout, max_new_tokens=16)
         tokens[cache] = batch.response_tokens.cpu()
     assert torch.equal(tokens[True], tokens[False])
+
+
+def test_rollout_engine_lean_layers_on_cuda(single_process, monkeypatch):
+    """The rollout engine on CUDA (slot cache, lean layer forward with the builder's GPU fusions,
+    per-slot RoPE, 2 slots for 3 ragged prompts: a refill): fp32 greedy tokens equal the
+    lock-step sampler's; bf16 tokens and every round's logits equal the engine's own run on
+    megatron's layers (the same operations: bit-equal)."""
+    import contextlib
+
+    from megatron_opdlm.diffusion import engine
+    from megatron_opdlm.diffusion.lean_layer import lean_supported
+    from megatron_opdlm.diffusion.sampler import generate
+    from megatron_opdlm.models.builder import build_student
+    from tests.tiny import tiny_config
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24]]
+
+    def student_for(dtype):
+        job = tiny_config(*gpu_overrides("rollout.temperature=0", "rollout.remasking=static",
+                                         dtype=dtype))  # fmt: skip
+        torch.manual_seed(0)
+        student = build_student(job)
+        assert all(lean_supported(layer) for layer in student[0].decoder.layers)
+        with torch.no_grad():  # sharp distributions: no near-ties between the two decoders
+            student[0].output_layer.weight.mul_(30.0)
+        return job, student
+
+    def rollout(job, student):
+        rounds = []
+        batch = engine.generate_rollout(
+            student, prompts, job.model, job.diffusion, job.rollout, 16, slots=2,
+            round_callback=lambda *args: rounds.append(args[3].float().cpu()),
+        )  # fmt: skip
+        return batch.response_tokens.cpu(), rounds
+
+    job, student = student_for("fp32")
+    want = generate(student, prompts, job.model, job.diffusion, job.rollout, 16)
+    assert torch.equal(rollout(job, student)[0], want.response_tokens.cpu())
+    job, student = student_for("bf16")
+    lean_tokens, lean_rounds = rollout(job, student)
+    monkeypatch.setattr(engine, "lean_layers", lambda chunks: contextlib.nullcontext())
+    tokens, rounds = rollout(job, student)
+    assert torch.equal(lean_tokens, tokens)
+    assert len(lean_rounds) == len(rounds)
+    assert all(torch.equal(a, b) for a, b in zip(lean_rounds, rounds, strict=True))
 
 
 def test_checkpoint_save_and_exact_resume_on_cuda(single_process, tmp_path, monkeypatch):

@@ -211,15 +211,20 @@ def test_lean_layers_cover_the_student_and_are_restored(tiny):
     assert not any("forward" in vars(layer) for layer in layers)
 
 
-@pytest.mark.parametrize("token_shift", [False, True])
-def test_lean_layers_give_megatron_layers_bits(tiny, monkeypatch, token_shift):
+@pytest.mark.parametrize("token_shift,fused_swiglu", [(False, False), (True, False), (True, True)])
+def test_lean_layers_give_megatron_layers_bits(tiny, monkeypatch, token_shift, fused_swiglu):
     """The engine's lean layer forward (diffusion.lean_layer) against megatron's own layers on
     the same rollout (sampled, ragged, EOS mid-block, S < N so rows of different blocks share a
-    forward): every round's logits and all results bit-equal (same operations, same order)."""
+    forward): every round's logits and all results bit-equal (same operations, same order).
+    fused_swiglu: megatron's bias_activation_fusion (the builder's GPU setting) on both sides."""
     import contextlib
 
     from megatron_opdlm.diffusion import lean_layer
 
+    _, chunks = tiny
+    if fused_swiglu:  # the layers share the model's TransformerConfig
+        monkeypatch.setattr(chunks[0].config, "bias_activation_fusion", True)
+        assert all(lean_layer.lean_supported(layer) for layer in chunks[0].decoder.layers)
     calls = []
     attention = lean_layer._attention
     monkeypatch.setattr(lean_layer, "_attention", lambda *a: calls.append(1) or attention(*a))
