@@ -67,18 +67,12 @@ from megatron_opdlm.diffusion.engine_rows import (
     sequence_uniform,
 )
 from megatron_opdlm.diffusion.lean_layer import lean_layers
-from megatron_opdlm.diffusion.model_runner import (
-    ModelRunner,
-    eval_mode,
-    fp8_off,
-    sequence_parallel_off,
-)
-from megatron_opdlm.diffusion.rollout_types import RolloutBatch, concat_batches
+from megatron_opdlm.diffusion.model_runner import ModelRunner, decoding_mode
+from megatron_opdlm.diffusion.rollout_types import RolloutBatch, RolloutResults, concat_batches
 from megatron_opdlm.diffusion.sampling import propose_tokens
 from megatron_opdlm.diffusion.slot_cache import SlotCache, slot_attention
 from megatron_opdlm.models.projection import project_rows_gathered
 from megatron_opdlm.models.vocab import mask_invalid_logits
-from megatron_opdlm.runtime import cpu_compat
 
 # One exception for both decoders: the trainer catches it whichever one ran.
 RolloutAborted = sampler.RolloutAborted
@@ -128,7 +122,7 @@ def generate_rollout(
             for start in range(0, len(prompts), size)
         ]  # fmt: skip
         return batches[0] if len(batches) == 1 else concat_batches(batches, model_cfg.pad_token_id)
-    device = next(model_chunks[0].parameters()).device
+    device = sampler._model_device(model_chunks)
     sampler._check_same_prompts(prompts, device)
     seed = 0
     if rollout_cfg.temperature > 0:  # one draw on every rank: generators stay in step
@@ -138,14 +132,7 @@ def generate_rollout(
         max_new_tokens, slots or len(prompts), strategy, seed, device,
     )  # fmt: skip
     engine.callback, engine.should_abort, engine.stop_rows = round_callback, should_abort, stop_rows
-    with (
-        eval_mode(model_chunks),
-        sequence_parallel_off(model_chunks),
-        fp8_off(model_chunks),
-        cpu_compat.small_row_linears(model_chunks),
-        slot_attention(model_chunks),
-        lean_layers(model_chunks),
-    ):
+    with decoding_mode(model_chunks), slot_attention(model_chunks), lean_layers(model_chunks):
         batch = engine.run(return_confidences)
     if stats is not None:
         stats.update(
@@ -166,7 +153,7 @@ class _RoundWork(NamedTuple):
     need_block: torch.Tensor  # [a] bool, rows that ran their block in the forward
 
 
-class _Engine:
+class _Engine(RolloutResults):
     """Sequences [N] (results) and slots [S] (what is being decoded now)."""
 
     def __init__(
@@ -180,12 +167,7 @@ class _Engine:
         n, bs = len(prompts), self.block_size
         self.num_slots = min(slots, n)
         self.keys = torch.tensor(sequence_keys(prompts), dtype=torch.long)  # [N]
-        pad = model_cfg.pad_token_id
-        self.response = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
-        self.step_map = torch.full((n, max_new_tokens), -1, dtype=torch.long, device=device)
-        self.confidence = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
-        self.lengths = torch.zeros(n, dtype=torch.long, device=device)  # tokens up to EOS
-        self.num_forwards = torch.zeros(n, dtype=torch.long, device=device)
+        super().__init__(n, max_new_tokens, model_cfg, device)  # [N, R] results
         self.blocks_decoded = [0] * n
         self.eos_ids = torch.tensor(model_cfg.eos_token_ids, dtype=torch.long, device=device)
         s = self.num_slots
@@ -431,17 +413,4 @@ class _Engine:
             self.prompts, self.model_cfg.pad_token_id, self.device
         )
         width = max(self.blocks_decoded) * self.block_size
-        decoded_step_map = self.step_map[:, :width]
-        valid = torch.arange(width, device=self.device)[None, :] < self.lengths[:, None]
-        return RolloutBatch(
-            prompt_tokens=prompt_tokens,
-            prompt_valid=prompt_valid,
-            response_tokens=self.response[:, :width].clone(),
-            response_valid=valid,
-            step_map=torch.where(valid, decoded_step_map, torch.full_like(decoded_step_map, -1)),
-            num_forwards=self.num_forwards,
-            confidences=(
-                torch.where(valid, self.confidence[:, :width], 0.0) if return_confidences else None
-            ),
-            decoded_step_map=decoded_step_map.clone(),
-        )
+        return self._rollout_batch(prompt_tokens, prompt_valid, width, return_confidences)

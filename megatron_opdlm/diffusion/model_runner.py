@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_opdlm.models.projection import project_rows_gathered
-from megatron_opdlm.runtime import collectives
+from megatron_opdlm.runtime import collectives, cpu_compat
 
 
 class ModelRunner:
@@ -174,3 +174,16 @@ def eval_mode(model_chunks: list[torch.nn.Module]):
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def decoding_mode(model_chunks: list[torch.nn.Module]):
+    """What both decoders (sampler.generate, engine.generate_rollout) run the model under: eval
+    mode, sequence parallelism and FP8 off, and the CPU small-row linears; all restored after."""
+    with (
+        eval_mode(model_chunks),
+        sequence_parallel_off(model_chunks),
+        fp8_off(model_chunks),
+        cpu_compat.small_row_linears(model_chunks),
+    ):
+        yield

@@ -113,3 +113,37 @@ def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBat
         confidences=cat("confidences", right, 0.0),
         decoded_step_map=cat("decoded_step_map", right, -1),
     )
+
+
+class RolloutResults:
+    """What both decoders (the sampler's lock-step _Decoder, the engine's per-sequence _Engine)
+    fill for n sequences of up to max_new_tokens response tokens, and the RolloutBatch they make
+    of it: one convention for validity, step maps and confidences."""
+
+    def __init__(self, n: int, max_new_tokens: int, model_cfg, device):
+        pad, width = model_cfg.pad_token_id, max_new_tokens
+        self.response = torch.full((n, width), pad, dtype=torch.long, device=device)  # [n, R]
+        self.step_map = torch.full((n, width), -1, dtype=torch.long, device=device)  # [n, R]
+        self.confidence = torch.zeros(n, width, dtype=torch.float32, device=device)  # [n, R]
+        self.lengths = torch.zeros(n, dtype=torch.long, device=device)  # [n] tokens up to EOS
+        self.num_forwards = torch.zeros(n, dtype=torch.long, device=device)  # [n]
+
+    def _rollout_batch(
+        self, prompt_tokens, prompt_valid, width: int, return_confidences: bool
+    ) -> RolloutBatch:
+        """The first `width` response columns (the blocks decoded), valid up to each EOS."""
+        decoded_step_map = self.step_map[:, :width]
+        columns = torch.arange(width, device=self.lengths.device)
+        valid = columns[None, :] < self.lengths[:, None]  # [n, R]
+        return RolloutBatch(
+            prompt_tokens=prompt_tokens,
+            prompt_valid=prompt_valid,
+            response_tokens=self.response[:, :width].clone(),
+            response_valid=valid,
+            step_map=torch.where(valid, decoded_step_map, torch.full_like(decoded_step_map, -1)),
+            num_forwards=self.num_forwards,
+            confidences=(
+                torch.where(valid, self.confidence[:, :width], 0.0) if return_confidences else None
+            ),
+            decoded_step_map=decoded_step_map.clone(),
+        )

@@ -35,17 +35,12 @@ from megatron.core import parallel_state
 
 from megatron_opdlm.config import DiffusionConfig, ModelConfig, RolloutConfig
 from megatron_opdlm.diffusion.block_forward import CachedBlockForward, FullBlockForward
-from megatron_opdlm.diffusion.model_runner import (
-    ModelRunner,
-    eval_mode,
-    fp8_off,
-    sequence_parallel_off,
-)
+from megatron_opdlm.diffusion.model_runner import ModelRunner, decoding_mode
 from megatron_opdlm.diffusion.remasking import RemaskingStrategy, get_remasking, round_schedule
-from megatron_opdlm.diffusion.rollout_types import RolloutBatch
+from megatron_opdlm.diffusion.rollout_types import RolloutBatch, RolloutResults
 from megatron_opdlm.diffusion.sampling import propose_tokens
 from megatron_opdlm.models.vocab import mask_invalid_logits
-from megatron_opdlm.runtime import collectives, cpu_compat
+from megatron_opdlm.runtime import collectives
 
 # round_callback(block, round, logits [b, B, V], x [b, B], masked [b, B], select [b, B]):
 # called on the last pipeline stage after each round's decision (tests, analysis).
@@ -164,63 +159,35 @@ def generate(
     runner = ModelRunner(model_chunks)
     device = _model_device(model_chunks)
     _check_same_prompts(prompts, device)
-    prompt_tokens, prompt_valid = left_pad(prompts, model_cfg.pad_token_id, device)
     decoder = _Decoder(
-        runner,
-        prompt_tokens,
-        prompt_valid,
-        model_cfg,
-        diffusion_cfg,
-        rollout_cfg,
-        max_new_tokens,
-        strategy,
-        generator,
-        round_callback,
-        should_abort,
-    )
+        runner, prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens, strategy,
+        generator, device,
+    )  # fmt: skip
+    decoder.callback, decoder.should_abort = round_callback, should_abort
     decoder.stop_rows = stop_rows
-    with (
-        eval_mode(model_chunks),
-        sequence_parallel_off(model_chunks),
-        fp8_off(model_chunks),
-        cpu_compat.small_row_linears(model_chunks),
-    ):
+    with decoding_mode(model_chunks):
         return decoder.run(return_confidences)
 
 
-class _Decoder:
+class _Decoder(RolloutResults):
     """State of one rollout batch: the response so far, step map, confidences, stop flags."""
 
     def __init__(
-        self,
-        runner,
-        prompt_tokens,
-        prompt_valid,
-        model_cfg,
-        diffusion_cfg,
-        rollout_cfg,
-        max_new_tokens,
-        strategy,
-        generator,
-        round_callback,
-        should_abort=None,
-    ):
-        self.runner, self.strategy, self.callback = runner, strategy, round_callback
-        self.should_abort = should_abort
+        self, runner, prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens, strategy,
+        generator, device,
+    ):  # fmt: skip
+        self.runner, self.strategy, self.generator = runner, strategy, generator
+        self.callback: RoundCallback | None = None
+        self.should_abort: AbortCheck | None = None
         self.stop_rows: StopRows | None = None
         self.model_cfg, self.rollout_cfg = model_cfg, rollout_cfg
+        prompt_tokens, prompt_valid = left_pad(prompts, model_cfg.pad_token_id, device)  # [b, P]
         self.prompt_tokens, self.prompt_valid = prompt_tokens, prompt_valid
         self.block_size, self.token_shift = diffusion_cfg.block_size, diffusion_cfg.token_shift
-        self.generator = generator
-        b, device = prompt_tokens.shape[0], prompt_tokens.device
+        b = prompt_tokens.shape[0]
         self.batch, self.device = b, device
         self.num_blocks = max_new_tokens // self.block_size
-        pad = model_cfg.pad_token_id
-        self.response = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)
-        self.step_map = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=device)
-        self.confidence = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
-        self.lengths = torch.zeros(b, dtype=torch.long, device=device)  # tokens up to EOS
-        self.num_forwards = torch.zeros(b, dtype=torch.long, device=device)
+        super().__init__(b, max_new_tokens, model_cfg, device)  # [b, R] results
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
         self.eos_ids = torch.tensor(model_cfg.eos_token_ids, dtype=torch.long, device=device)
         response_valid = torch.ones(b, max_new_tokens, dtype=torch.bool, device=device)
@@ -314,20 +281,5 @@ class _Decoder:
                     self.done |= stop.to(self.device).bool()
         finally:
             forward.free()
-        return self._batch(blocks * self.block_size, return_confidences)
-
-    def _batch(self, width: int, return_confidences: bool) -> RolloutBatch:
-        decoded_step_map = self.step_map[:, :width]
-        valid = torch.arange(width, device=self.device)[None, :] < self.lengths[:, None]  # [b, R]
-        return RolloutBatch(
-            prompt_tokens=self.prompt_tokens,
-            prompt_valid=self.prompt_valid,
-            response_tokens=self.response[:, :width].clone(),
-            response_valid=valid,
-            step_map=torch.where(valid, decoded_step_map, torch.full_like(decoded_step_map, -1)),
-            num_forwards=self.num_forwards,
-            confidences=(
-                torch.where(valid, self.confidence[:, :width], 0.0) if return_confidences else None
-            ),
-            decoded_step_map=decoded_step_map.clone(),
-        )
+        width = blocks * self.block_size
+        return self._rollout_batch(self.prompt_tokens, self.prompt_valid, width, return_confidences)

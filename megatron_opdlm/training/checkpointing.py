@@ -340,24 +340,6 @@ class CheckpointWriter:
         collectives.barrier()
 
 
-def save_checkpoint(
-    save_dir: str | Path,
-    rollout_step: int,
-    chunks,
-    optimizer,
-    trainer_state: dict[str, Any],
-    job: JobConfig,
-    within_step: int = 0,
-    partial_rollout: Any = None,
-) -> Path:
-    """Synchronous save of one iteration (CheckpointWriter without async); collective."""
-    writer = CheckpointWriter(async_save=False)
-    path = writer.save(save_dir, rollout_step, chunks, optimizer, trainer_state, job,
-                       within_step, partial_rollout)  # fmt: skip
-    writer.close()
-    return path
-
-
 def _copy_tokenizer(job: JobConfig, ckpt: Path) -> None:
     """The run's tokenizer beside the student (export and evaluation read it from there)."""
     source = job.data.tokenizer

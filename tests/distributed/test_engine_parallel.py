@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.distributed.layouts import each_layout
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24], [30, 31, 32]]
 LAYOUTS = {"tp2": {"tp": 2}, "pp2": {"pp": 2}}
@@ -47,37 +48,8 @@ def _decode_all(chunks, config):
 
 
 def _each_layout(world_size, layouts):
-    """Yield (layout, chunks, config): "tp1" first (DP=2, each rank its own copy: the
-    one-process reference), then every layout of `layouts` with the TP=1 weights resharded."""
-    from megatron.core import parallel_state
-
-    from megatron_opdlm.models.builder import build_student
-    from megatron_opdlm.runtime import distributed
-    from tests.distributed.test_sampler_parallel import _load_full
-    from tests.tiny import tiny_config
-
-    config = tiny_config("model.num_layers=4", "rollout.temperature=0")
-    distributed.initialize(config.parallel, seed=1234)
-    torch.manual_seed(0)
-    reference = build_student(config)
-    with torch.no_grad():  # sharper distributions, like a trained model
-        reference[0].output_layer.weight.mul_(30.0)
-    full_state = {name: p.detach().clone() for name, p in reference[0].named_parameters()}
-    yield "tp1", reference, config
-    for layout, parallel in layouts.items():
-        layout_config = dataclasses.replace(
-            config, parallel=dataclasses.replace(config.parallel, **parallel)
-        )
-        layout_config.validate(world_size)
-        distributed.initialize(layout_config.parallel, seed=1234)
-        chunks = build_student(layout_config)
-        _load_full(
-            chunks,
-            full_state,
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank(),
-        )
-        yield layout, chunks, layout_config
+    """layouts.each_layout on this file's 4-layer greedy tiny student (test_engine_pipeline too)."""
+    yield from each_layout(world_size, layouts, "model.num_layers=4", "rollout.temperature=0")
 
 
 def _body(rank, world_size):

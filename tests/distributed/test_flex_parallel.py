@@ -4,12 +4,10 @@ no-grad logits of packed student rows, and CPU-training gradients (dense fallbac
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.distributed.test_sampler_parallel import _load_full
+from tests.distributed.layouts import each_layout
 
 # prompt width 8 and 12 new tokens: rows of S = 8 + 2 * 12 = 32 divide over TP=2 (sequence parallel)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 3], [12, 13], [20, 21, 22, 23, 24]]
@@ -55,35 +53,16 @@ def _rows_and_grads(chunks, config):
 
 
 def _body(rank, world_size):
-    from megatron.core import parallel_state
-
-    from megatron_opdlm.models.builder import build_student
-    from megatron_opdlm.runtime import distributed
-    from tests.tiny import tiny_config
-
-    config = tiny_config(
-        "rollout.temperature=0", "rollout.remasking=static", "precision.attention_backend=flex"
+    layouts = {"tp2": {"tp": 2}, "tp2_sp": {"tp": 2, "sequence_parallel": True}}
+    overrides = (
+        "rollout.temperature=0",
+        "rollout.remasking=static",
+        "precision.attention_backend=flex",
     )
-    distributed.initialize(config.parallel, seed=1234)
-    torch.manual_seed(0)
-    reference = build_student(config)
-    with torch.no_grad():
-        reference[0].output_layer.weight.mul_(30.0)
-    full_state = {name: p.detach().clone() for name, p in reference[0].named_parameters()}
-    results = {"tp1": _rows_and_grads(reference, config)}
-    for layout, parallel in (("tp2", {"tp": 2}), ("tp2_sp", {"tp": 2, "sequence_parallel": True})):
-        layout_config = dataclasses.replace(
-            config, parallel=dataclasses.replace(config.parallel, **parallel)
-        )
-        layout_config.validate(world_size)
-        distributed.initialize(layout_config.parallel, seed=1234)
-        chunks = build_student(layout_config)
-        _load_full(
-            chunks, full_state, parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank(),
-        )  # fmt: skip
-        results[layout] = _rows_and_grads(chunks, layout_config)  # the sampler turns SP off
-    return results
+    return {
+        layout: _rows_and_grads(chunks, config)  # the sampler turns SP off
+        for layout, chunks, config in each_layout(world_size, layouts, *overrides)
+    }
 
 
 def test_flex_core_tp2_matches_tp1():

@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.distributed.layouts import each_layout
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24]]
 LAYOUTS = {
@@ -32,32 +33,6 @@ RUNS = {
     "sampled": ({}, {"remasking": "dynamic", "temperature": 1.0, "top_k": 40, "top_p": 0.95}),
     "sampled_again": ({}, {"remasking": "dynamic", "temperature": 1.0, "top_k": 40, "top_p": 0.95}),
 }
-
-
-def _load_full(chunks, full_state, tp_size, tp_rank):
-    """Copy TP=1 / PP=1 parameters into this rank's chunks (its layers, its TP shard)."""
-    from megatron.core.utils import get_attr_wrapped_model
-
-    with torch.no_grad():
-        for chunk in chunks:
-            model = get_attr_wrapped_model(chunk, "decoder", return_model_obj=True)
-            renames = {
-                f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
-                for i, layer in enumerate(model.decoder.layers)
-            }
-            for name, param in model.named_parameters():
-                source = name
-                for local, global_ in renames.items():
-                    if name.startswith(local):
-                        source = global_ + name[len(local) :]
-                full = full_state[source]
-                if getattr(param, "tensor_model_parallel", False):
-                    if name.endswith("linear_fc1.weight"):  # SwiGLU: [gate; up], split each
-                        gate, up = full.chunk(2, dim=0)
-                        full = torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]])
-                    else:
-                        full = full.chunk(tp_size, dim=param.partition_dim)[tp_rank]
-                param.copy_(full)
 
 
 def _decode_all(chunks, config):
@@ -82,40 +57,16 @@ def _decode_all(chunks, config):
 
 
 def _body(rank, world_size):
-    from megatron.core import parallel_state
-
-    from megatron_opdlm.models.builder import build_student
-    from megatron_opdlm.runtime import distributed
-    from tests.tiny import tiny_config
-
-    config = tiny_config("model.num_layers=4", "rollout.temperature=0")
-    distributed.initialize(config.parallel, seed=1234)
-    torch.manual_seed(0)
-    reference = build_student(config)
-    with torch.no_grad():  # sharper distributions, like a trained model
-        reference[0].output_layer.weight.mul_(30.0)
-    full_state = {name: p.detach().clone() for name, p in reference[0].named_parameters()}
-    results = {"tp1": _decode_all(reference, config)}
-    # data parallel: each rank decodes its own share (rank 0 two prompts, rank 1 one)
     from megatron_opdlm.diffusion.sampler import generate
 
-    static = dataclasses.replace(config.rollout, remasking="static")
-    share = generate(reference, PROMPTS[rank::2], config.model, config.diffusion, static, 12)
-    results["dp_share"] = share.response_tokens
-    for layout, parallel in LAYOUTS.items():
-        layout_config = dataclasses.replace(
-            config, parallel=dataclasses.replace(config.parallel, **parallel)
-        )
-        layout_config.validate(world_size)
-        distributed.initialize(layout_config.parallel, seed=1234)
-        chunks = build_student(layout_config)
-        _load_full(
-            chunks,
-            full_state,
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_rank(),
-        )
-        results[layout] = _decode_all(chunks, layout_config)
+    results = {}
+    overrides = ("model.num_layers=4", "rollout.temperature=0")
+    for layout, chunks, config in each_layout(world_size, LAYOUTS, *overrides):
+        results[layout] = _decode_all(chunks, config)
+        if layout == "tp1":  # data parallel: each rank decodes its own share (rank 0 two, 1 one)
+            static = dataclasses.replace(config.rollout, remasking="static")
+            share = generate(chunks, PROMPTS[rank::2], config.model, config.diffusion, static, 12)
+            results["dp_share"] = share.response_tokens
     return results
 
 

@@ -12,7 +12,7 @@ from megatron_opdlm.diffusion import engine as engine_module
 from megatron_opdlm.diffusion.engine import RolloutAborted, generate_rollout
 from megatron_opdlm.diffusion.engine_rows import sequence_keys, sequence_uniform
 from megatron_opdlm.diffusion.sampler import generate
-from tests.tiny import tiny_config
+from tests.tiny import tiny_student
 
 # ragged prompts, a repeated one; EOS ids that these rows produce mid-response (rows end at
 # different blocks: measured on this model)
@@ -31,17 +31,8 @@ SAMPLED = dict(temperature=1.0, top_k=20, top_p=0.9, remasking="dynamic", thresh
 
 @pytest.fixture(scope="module")
 def tiny():
-    from megatron_opdlm.models.builder import build_student
-    from megatron_opdlm.runtime import distributed
-
-    config = tiny_config("rollout.temperature=0", "rollout.remasking=static")
-    distributed.initialize(config.parallel, seed=1234)
-    torch.manual_seed(0)
-    chunks = build_student(config)
-    with torch.no_grad():  # sharper distributions, as in test_sampler
-        chunks[0].output_layer.weight.mul_(30.0)
-    yield config, chunks
-    distributed.shutdown()
+    with tiny_student("rollout.temperature=0", "rollout.remasking=static") as student:
+        yield student
 
 
 def _configs(tiny, diffusion=None, **rollout):

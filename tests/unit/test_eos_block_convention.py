@@ -16,7 +16,7 @@ from megatron_opdlm.diffusion.packing import pack_batch
 from megatron_opdlm.diffusion.sampler import generate
 from megatron_opdlm.diffusion.states import select_states
 from megatron_opdlm.models.vocab import mask_invalid_logits
-from tests.tiny import tiny_config
+from tests.tiny import tiny_student
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24]]
 NEW_TOKENS = 24
@@ -25,18 +25,9 @@ BLOCK = 4
 
 @pytest.fixture(scope="module")
 def tiny():
-    from megatron_opdlm.models.builder import build_student
-    from megatron_opdlm.runtime import distributed
-
-    config = tiny_config("rollout.temperature=0", "rollout.remasking=static")
-    distributed.initialize(config.parallel, seed=1234)
-    torch.manual_seed(0)
-    chunks = build_student(config)
-    with torch.no_grad():  # sharper distributions, as in test_sampler
-        chunks[0].output_layer.weight.mul_(30.0)
-    chunks[0].eval()
-    yield config, chunks
-    distributed.shutdown()
+    with tiny_student("rollout.temperature=0", "rollout.remasking=static") as (config, chunks):
+        chunks[0].eval()
+        yield config, chunks
 
 
 def _eos_mid_block(config, chunks, diffusion_cfg, rollout_cfg):

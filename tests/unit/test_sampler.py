@@ -12,24 +12,15 @@ from megatron_opdlm.diffusion.block_forward import CachedBlockForward
 from megatron_opdlm.diffusion.sampler import generate
 from megatron_opdlm.models.masks import causal_mask
 from megatron_opdlm.models.vocab import mask_invalid_logits
-from tests.tiny import tiny_config
+from tests.tiny import tiny_student
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24]]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from megatron_opdlm.models.builder import build_student
-    from megatron_opdlm.runtime import distributed
-
-    config = tiny_config("rollout.temperature=0", "rollout.remasking=static")
-    distributed.initialize(config.parallel, seed=1234)
-    torch.manual_seed(0)
-    chunks = build_student(config)
-    with torch.no_grad():  # sharper distributions, like a trained model: confidences up to 0.95
-        chunks[0].output_layer.weight.mul_(30.0)
-    yield config, chunks
-    distributed.shutdown()
+    with tiny_student("rollout.temperature=0", "rollout.remasking=static") as student:
+        yield student
 
 
 def _run(
