@@ -102,7 +102,8 @@ def generate_rollout(
     (rounds of all slots: whole-batch rounds + pipelined cycles), pipeline_microbatches (1 =
     whole-batch rounds at the end), pipeline_reason, pipeline_ideal_gain (auto's measurement or
     None), round_wall_s / round_busy_s (per batch round and mode: wall seconds; this stage's
-    seconds outside communication, prefills excluded)."""
+    seconds outside communication, prefills excluded), round_rows (per batch round and mode: batch
+    rows forwarded)."""
     strategy = sampler.validate_request(
         prompts, model_cfg, diffusion_cfg, rollout_cfg, max_new_tokens
     )
@@ -186,6 +187,7 @@ class _Engine(RolloutResults):
         self.callback = self.should_abort = self.stop_rows = None
         self.scheduler: RoundScheduler | None = None
         self.forwards = self.prefills = self.rounds = 0  # model forwards, for the benchmark
+        self.round_rows = 0  # batch rows forwarded in rounds (auto's per-row calibration)
         self.cache_bytes = 0  # peak K/V bytes of this rank
 
     # -- scheduling (the loop itself: engine_pipeline.RoundScheduler) -------------------------
@@ -293,6 +295,7 @@ class _Engine(RolloutResults):
             queries = [self._finished_block(int(s)) for s in commit_slots]
             tokens = torch.cat([*(q[None] for q in queries), self.x[block_slots.to(dev)]])
             self.cache.plan(slots, starts)
+            self.round_rows += slots.numel()
             rows = torch.arange(bs, device=dev)
             logits = self._forward(tokens, starts, round_mask(starts, bs).to(dev), rows)
             self.committed[commit_slots] += bs

@@ -11,6 +11,7 @@ from megatron_opdlm.diffusion.engine_pipeline import (
     MIN_IDEAL_GAIN,
     choose_microbatches,
     ideal_gain,
+    per_row_cost,
     slot_ranges,
 )
 
@@ -46,3 +47,13 @@ def test_slot_ranges_are_contiguous_and_cover_every_slot():
 def test_a_negative_micro_batch_count_is_refused():
     with pytest.raises(ValueError, match="rollout.pipeline_microbatches=-1"):
         dataclasses.replace(RolloutConfig(), pipeline_microbatches=-1).validate()
+
+
+def test_calibration_compares_rounds_per_forwarded_row():
+    # whole-batch samples from commit rounds (2x the rows) against pipelined ones from plain
+    # rounds: the same per-row cost, so no gain is invented from the extra rows
+    whole = per_row_cost([0.8, 0.9, 0.7], [64, 72, 56])
+    cycle = per_row_cost([0.4, 0.45], [32, 36])
+    assert whole == pytest.approx(0.0125) and cycle == pytest.approx(0.0125)
+    assert ideal_gain([whole, whole], [cycle, cycle]) == pytest.approx(2.0)  # PP=2, even split
+    assert per_row_cost([1.0], [0]) == 1.0  # a round with no rows counts as one row

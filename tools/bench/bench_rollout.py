@@ -187,6 +187,27 @@ def run_rollout(job, chunks, prompts, new_tokens, seed, slots=None):
         "sequence_tokens_per_forward": float(
             (batch.response_lengths().float() / batch.num_forwards.clamp(min=1).float()).mean()
         ),
+        "_responses": [  # kept in memory only: each sequence's tokens (compared across S)
+            row[valid].tolist()
+            for row, valid in zip(batch.response_tokens, batch.response_valid, strict=True)
+        ],
+    }
+
+
+def same_sequences(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """How many sequences decode the same tokens in two engine runs, and where the others first
+    differ (a sampled token or a threshold decision flipped by fp32 rounding of the logits: the
+    batch composition changes GEMM row counts, hence kernels and summation order)."""
+    first_diff = []
+    for ours, theirs in zip(reference, other, strict=True):
+        if ours != theirs:
+            common = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                          min(len(ours), len(theirs)))  # fmt: skip
+            first_diff.append(common)
+    return {
+        "identical_sequences": len(reference) - len(first_diff),
+        "sequences": len(reference),
+        "first_difference_at_token": sorted(first_diff),
     }
 
 
@@ -294,6 +315,12 @@ def main(argv=None) -> int:
     costs = {"engine_round_ms_b1": round_ms, "our_ar_step_ms_b1": ar_ms,
              "transformers_ar_step_ms_b1": hf_ms, "round_ms_b8": t8, "round_ms_b4": t4}  # fmt: skip
     rows = {r["run"]: r for r in results}
+    reference = rows[f"engine S={n}"]["_responses"]
+    for name, row in rows.items():  # results independent of S, up to fp32 rounding
+        if name.startswith("engine") and name != f"engine S={n}":
+            row["same_as_engine_S_N"] = same_sequences(reference, row["_responses"])
+    for row in results:
+        row.pop("_responses", None)
     lock = rows["lock-step"]
     summary = {
         f"{name}_vs_lock_step_tokens_per_cpu_s": r["tokens_per_cpu_s"] / lock["tokens_per_cpu_s"]
@@ -362,6 +389,12 @@ def print_table(results, costs, summary):
             f"{r['tokens_per_cpu_s']:.2f} | {r['kv_cache_mib']:.2f} | {r['forwards']} | "
             f"{r['tokens_per_forward']:.2f} |"
         )
+    for r in results:
+        if "same_as_engine_S_N" in r:
+            same = r["same_as_engine_S_N"]
+            print(f"{r['run']}: {same['identical_sequences']}/{same['sequences']} sequences "
+                  f"identical to engine S=N; the others differ from token "
+                  f"{same['first_difference_at_token']}")  # fmt: skip
     print("\n| cost (CPU ms per forward) | ms |\n|---|---|")
     for key, value in costs.items():
         print(f"| {key} | {value:.1f} |")
