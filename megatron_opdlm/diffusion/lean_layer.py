@@ -6,7 +6,8 @@ autograd-Function applies (identity TP mappings, viewless-tensor wrappers) and t
 features a rollout never uses, per layer; that made our AR step 1.2-1.4x transformers' step at
 batch 1 with equal GEMM time (profile in docs/bench_rollout/README.md). `lean_layers(chunks)`
 gives each supported layer a `forward` that runs the same operations in the same order on the
-same parameters for forwards on a `SlotCache` (so the same bits; tests/unit/test_lean_layer.py):
+same parameters for forwards on a `SlotCache` (so the same bits: tests/unit/test_engine.py,
+`test_lean_layers_give_megatron_layers_bits`):
 
     x -> input norm -> linear_qkv (+bias) -> split per query group -> slot RoPE + K/V cache
       -> SDPA core -> linear_proj (+ TP all-reduce) -> + residual

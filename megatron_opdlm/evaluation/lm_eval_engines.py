@@ -152,9 +152,11 @@ class HFEngine:
                  batch_size: int):  # fmt: skip
         rows, forwards = [], []
         for start in range(0, len(prompts), batch_size):  # the export decodes in lock step
-            got = self._generate_batch(prompts[start : start + batch_size], rollout_cfg,
-                                       max_new_tokens, stop_rows)  # fmt: skip
-            rows, forwards = rows + got[0], forwards + got[1]
+            batch_rows, batch_forwards = self._generate_batch(
+                prompts[start : start + batch_size], rollout_cfg, max_new_tokens, stop_rows
+            )
+            rows.extend(batch_rows)
+            forwards.extend(batch_forwards)
         return rows, forwards
 
     def _generate_batch(self, prompts, rollout_cfg: RolloutConfig, max_new_tokens: int, stop_rows):
